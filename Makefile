@@ -1,0 +1,50 @@
+# husk: the developer entry points. See README.md.
+#   make setup   install the host packages husk needs (root; Debian 12)
+#   make guest   guest kernel (cached outside the checkout) + agent initrd -> target/guest/
+#   make build   host binaries (husk-vmm, containerd-shim-husk-v2)
+#   make test    everything above, then every unit and end-to-end test
+#   make bench   pod VM start-up and memory numbers, `name: value unit`
+#   make lint    rustfmt and clippy, as CI runs them
+
+SHELL := /bin/bash
+CARGO ?= cargo
+GUEST_DIR := $(CURDIR)/target/guest
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
+
+.PHONY: all setup guest kernel agent initrd build test bench lint clean-guest
+
+all: guest build
+
+setup:
+	bash scripts/install-deps.sh
+
+kernel:
+	bash kernel-config/build.sh $(GUEST_DIR)
+
+# The agent is /init in an initrd with no libc: link it statically.
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+
+initrd: agent
+	mkdir -p $(GUEST_DIR)
+	$(CARGO) run --release -q -p husk-images --bin husk-mkinitrd -- --agent $(AGENT_BIN) --out $(GUEST_DIR)/initrd.img
+
+guest: kernel initrd
+
+build:
+	$(CARGO) build -p husk-vmm -p husk-shim
+
+test: guest build
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace
+
+bench: guest
+	$(CARGO) build --release -p husk-vmm -p husk-tests --bin husk-bench
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/release/husk-vmm target/release/husk-bench
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean-guest:
+	rm -rf $(GUEST_DIR)

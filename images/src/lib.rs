@@ -1,0 +1,3 @@
+//! Guest image builders. [`cpio`] writes the initrd archive.
+
+pub mod cpio;

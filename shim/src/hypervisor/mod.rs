@@ -1,0 +1,89 @@
+//! Starting, watching and stopping a pod's microVM.
+//!
+//! Today a pod VM is QEMU (`-M microvm`, virtio-mmio) whose vsock device is
+//! served by husk-vmm over vhost-user, so the guest sees husk's own device
+//! code. QEMU runs with KVM where the host's KVM can run a stock guest
+//! ([`detect`]) and with TCG emulation otherwise. husk-vmm running the whole
+//! VM itself is the other backend that joins here.
+
+pub mod detect;
+mod pod_vm;
+pub mod qemu;
+
+use std::{path::PathBuf, time::Duration};
+
+pub use pod_vm::{LaunchError, LaunchTimings, PodVm, ShutdownOutcome};
+
+/// How the vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// What the caller asks for; `Auto` picks KVM only where it can run a stock guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Everything needed to start one pod VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Short name used in process titles and logs.
+    pub id: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Private directory for this VM's sockets and logs; created by the launch
+    /// (it must not exist yet) and removed when the VM is torn down.
+    pub state_dir: PathBuf,
+    pub accel: AccelChoice,
+    pub qemu_binary: PathBuf,
+    pub vmm_binary: PathBuf,
+    /// From process start until the agent answers a health check.
+    pub boot_timeout: Duration,
+    /// Deadline for each agent call once the VM is up.
+    pub call_timeout: Duration,
+    /// Appended to husk's kernel command line.
+    pub extra_cmdline: String,
+    pub guest_cid: u32,
+    /// Host vsock port the agent streams its log to (a guest-initiated
+    /// connection); `None` leaves the agent's log on the serial console only.
+    pub agent_log_port: Option<u32>,
+}
+
+impl VmSpec {
+    /// A spec with husk's defaults for the given guest kernel and initrd.
+    pub fn new(
+        id: impl Into<String>,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        state_dir: PathBuf,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            kernel,
+            initrd,
+            vcpus: 1,
+            memory_mib: 256,
+            state_dir,
+            accel: AccelChoice::Auto,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            vmm_binary: PathBuf::from("husk-vmm"),
+            // TCG boots in a few seconds; the margin covers a loaded 2-core host.
+            boot_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(10),
+            extra_cmdline: String::new(),
+            guest_cid: 3,
+            agent_log_port: Some(DEFAULT_AGENT_LOG_PORT),
+        }
+    }
+}
+
+/// Host port the agent connects to for its log stream.
+pub const DEFAULT_AGENT_LOG_PORT: u32 = 1025;

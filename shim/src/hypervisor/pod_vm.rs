@@ -1,0 +1,651 @@
+//! A running pod VM: its processes, sockets and logs, from launch to teardown.
+//!
+//! Two child processes make up a VM on the QEMU path: husk-vmm serving the
+//! vsock device over vhost-user, and QEMU. Every way out (a clean shutdown, a
+//! guest that hangs, a guest that crashes, a launch that fails half-way, or the
+//! `PodVm` simply being dropped) ends both processes and removes the state
+//! directory, so nothing is leaked.
+
+use std::{
+    fs,
+    io::{self, Read, Seek, SeekFrom},
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::UnixListener,
+    process::{Child, Command},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
+
+use super::{detect, qemu, Accel, AccelChoice, VmSpec};
+use crate::agent_client::{AgentClient, AgentError};
+
+/// How much of a log an error message quotes.
+const LOG_TAIL_BYTES: u64 = 3000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("invalid VM spec: {0}")]
+    InvalidSpec(String),
+    #[error("KVM was requested but cannot be used: {0}")]
+    KvmUnavailable(String),
+    #[error("creating VM state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("starting {what} ({binary}): {source}")]
+    Spawn {
+        what: &'static str,
+        binary: PathBuf,
+        source: io::Error,
+    },
+    #[error("husk-vmm vsock backend did not come up within {timeout:?}; its log:\n{log}")]
+    VmmNotReady { timeout: Duration, log: String },
+    #[error("{what} exited ({status}) before the agent was ready; console:\n{console}\n{what} log:\n{log}")]
+    Exited {
+        what: &'static str,
+        status: ExitStatus,
+        console: String,
+        log: String,
+    },
+    #[error("the guest agent did not answer within {timeout:?} (last error: {last_error}); console:\n{console}")]
+    BootTimeout {
+        timeout: Duration,
+        last_error: String,
+        console: String,
+    },
+    #[error("watching VM processes: {0}")]
+    Wait(io::Error),
+}
+
+/// Host-side timestamps of a launch, from the start of [`PodVm::launch`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaunchTimings {
+    /// husk-vmm's vhost-user socket is accepting connections.
+    pub vmm_ready: Duration,
+    /// QEMU has been spawned.
+    pub qemu_spawned: Duration,
+    /// The agent answered its first health check.
+    pub agent_ready: Duration,
+}
+
+/// How a VM went down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// The guest powered off on the agent's request within the grace period.
+    Clean,
+    /// The processes had to be killed; the reason says why.
+    Forced(String),
+}
+
+struct Paths {
+    dir: PathBuf,
+    vsock_uds: PathBuf,
+    vhost_vsock: PathBuf,
+    console_log: PathBuf,
+    qemu_log: PathBuf,
+    vmm_log: PathBuf,
+    agent_log: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            vsock_uds: dir.join("vsock.sock"),
+            vhost_vsock: dir.join("vsock.vhost"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            vmm_log: dir.join("vmm.log"),
+            agent_log: dir.join("agent.log"),
+        }
+    }
+}
+
+/// A launched pod VM whose agent is answering.
+pub struct PodVm {
+    spec: VmSpec,
+    accel: Accel,
+    paths: Paths,
+    qemu: Option<Child>,
+    vmm: Option<Child>,
+    log_task: Option<JoinHandle<()>>,
+    agent: Option<AgentClient>,
+    timings: LaunchTimings,
+}
+
+impl PodVm {
+    /// Starts the VM and waits until its agent answers a health check.
+    pub async fn launch(spec: VmSpec) -> Result<PodVm, LaunchError> {
+        let start = Instant::now();
+        validate(&spec)?;
+        let host = detect::detect();
+        let accel = match (spec.accel, host.kvm_usable) {
+            (AccelChoice::Kvm, false) => return Err(LaunchError::KvmUnavailable(host.reason)),
+            (AccelChoice::Kvm, true) | (AccelChoice::Auto, true) => Accel::Kvm,
+            (AccelChoice::Tcg, _) | (AccelChoice::Auto, false) => Accel::Tcg,
+        };
+        info!(id = %spec.id, ?accel, host = %host.reason, "launching pod VM");
+
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&spec.state_dir)
+            .map_err(|source| LaunchError::StateDir {
+                path: spec.state_dir.clone(),
+                source,
+            })?;
+        let paths = Paths::new(&spec.state_dir);
+        let mut vm = PodVm {
+            spec,
+            accel,
+            paths,
+            qemu: None,
+            vmm: None,
+            log_task: None,
+            agent: None,
+            timings: LaunchTimings::default(),
+        };
+        // On any error below, dropping `vm` kills what was started and removes
+        // the state directory.
+        vm.start_vmm().await?;
+        vm.timings.vmm_ready = start.elapsed();
+        vm.start_agent_log_listener()?;
+        vm.start_qemu()?;
+        vm.timings.qemu_spawned = start.elapsed();
+        let deadline = start + vm.spec.boot_timeout;
+        vm.wait_for_agent(deadline).await?;
+        vm.timings.agent_ready = start.elapsed();
+        info!(id = %vm.spec.id, ready_ms = vm.timings.agent_ready.as_millis() as u64, "pod VM ready");
+        Ok(vm)
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn timings(&self) -> LaunchTimings {
+        self.timings
+    }
+
+    /// The hybrid vsock socket: `CONNECT <port>\n` reaches a guest port.
+    pub fn vsock_uds(&self) -> &Path {
+        &self.paths.vsock_uds
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    pub fn console_log_path(&self) -> &Path {
+        &self.paths.console_log
+    }
+
+    /// The agent's log as received over its guest-initiated vsock connection.
+    pub fn agent_log_path(&self) -> &Path {
+        &self.paths.agent_log
+    }
+
+    /// Process ids of QEMU and husk-vmm, while they run.
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.qemu, &self.vmm]
+            .into_iter()
+            .filter_map(|c| c.as_ref().and_then(|c| c.id()))
+            .collect()
+    }
+
+    /// The connection made during launch. Open more with [`PodVm::connect_agent`].
+    pub fn agent(&self) -> Option<&AgentClient> {
+        self.agent.as_ref()
+    }
+
+    pub async fn connect_agent(&self) -> Result<AgentClient, AgentError> {
+        AgentClient::connect(&self.paths.vsock_uds, self.spec.call_timeout).await
+    }
+
+    /// Asks the guest to power off and waits up to `grace` for the VM to end;
+    /// kills it otherwise. Either way every process and file is gone after.
+    pub async fn shutdown(mut self, grace: Duration) -> ShutdownOutcome {
+        let outcome = match self.graceful(grace).await {
+            Ok(()) => ShutdownOutcome::Clean,
+            Err(reason) => {
+                warn!(id = %self.spec.id, %reason, "forcing pod VM down");
+                ShutdownOutcome::Forced(reason)
+            }
+        };
+        self.teardown().await;
+        outcome
+    }
+
+    /// Ends the VM at once.
+    pub async fn kill(mut self) {
+        self.teardown().await;
+    }
+
+    async fn graceful(&mut self, grace: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + grace;
+        let agent = match self.agent.take() {
+            Some(a) => a,
+            None => self.connect_agent().await.map_err(|e| e.to_string())?,
+        };
+        tokio::time::timeout_at(deadline.into(), agent.shutdown())
+            .await
+            .map_err(|_| format!("agent did not acknowledge shutdown within {grace:?}"))?
+            .map_err(|e| e.to_string())?;
+        let qemu = self.qemu.as_mut().ok_or("QEMU is not running")?;
+        let status = tokio::time::timeout_at(deadline.into(), qemu.wait())
+            .await
+            .map_err(|_| format!("guest did not power off within {grace:?}"))?
+            .map_err(|e| e.to_string())?;
+        self.qemu = None;
+        if !status.success() {
+            return Err(format!("QEMU exited with {status} on shutdown"));
+        }
+        // husk-vmm exits by itself once QEMU, its vhost-user front end, is gone.
+        if let Some(vmm) = self.vmm.as_mut() {
+            match tokio::time::timeout_at(deadline.into(), vmm.wait()).await {
+                Ok(Ok(_)) => self.vmm = None,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("husk-vmm did not exit after QEMU".into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn teardown(&mut self) {
+        self.agent = None;
+        for (name, child) in [("QEMU", self.qemu.take()), ("husk-vmm", self.vmm.take())] {
+            if let Some(mut child) = child {
+                if let Err(e) = child.kill().await {
+                    warn!(id = %self.spec.id, "killing {name}: {e}");
+                }
+            }
+        }
+        if let Some(t) = self.log_task.take() {
+            t.abort();
+        }
+        remove_state_dir(&self.paths.dir);
+    }
+
+    async fn start_vmm(&mut self) -> Result<(), LaunchError> {
+        let log = create_log(&self.paths.vmm_log)?;
+        let mut cmd = Command::new(&self.spec.vmm_binary);
+        cmd.arg("vhost-user-vsock")
+            .arg("--socket")
+            .arg(&self.paths.vhost_vsock)
+            .arg("--uds")
+            .arg(&self.paths.vsock_uds)
+            .arg("--guest-cid")
+            .arg(self.spec.guest_cid.to_string())
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| state_err(&self.paths.vmm_log, e))?,
+            )
+            .stderr(log);
+        let child = spawn(cmd, "husk-vmm", &self.spec.vmm_binary)?;
+        self.vmm = Some(child);
+
+        // husk-vmm binds its hybrid vsock socket before the vhost-user one, so
+        // the vhost-user socket accepting connections means both are ready.
+        let timeout = Duration::from_secs(5);
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Not a probe connection: the backend serves exactly one front
+            // end, so a test connect would use it up.
+            if unix_socket_listening(&self.paths.vhost_vsock) {
+                break;
+            }
+            if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(LaunchError::Exited {
+                    what: "husk-vmm",
+                    status,
+                    console: String::new(),
+                    log: tail(&self.paths.vmm_log),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(LaunchError::VmmNotReady {
+                    timeout,
+                    log: tail(&self.paths.vmm_log),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
+    }
+
+    fn start_qemu(&mut self) -> Result<(), LaunchError> {
+        let log = create_log(&self.paths.qemu_log)?;
+        let args = qemu::args(
+            &self.spec,
+            self.accel,
+            &qemu::QemuPaths {
+                vhost_vsock_socket: &self.paths.vhost_vsock,
+                console_log: &self.paths.console_log,
+            },
+        );
+        let mut cmd = Command::new(&self.spec.qemu_binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| state_err(&self.paths.qemu_log, e))?,
+            )
+            .stderr(log);
+        debug!(id = %self.spec.id, ?cmd, "starting QEMU");
+        self.qemu = Some(spawn(cmd, "QEMU", &self.spec.qemu_binary)?);
+        Ok(())
+    }
+
+    /// Accepts the agent's guest-initiated log connection(s) on
+    /// `<vsock uds>_<port>` and appends what arrives to agent.log.
+    fn start_agent_log_listener(&mut self) -> Result<(), LaunchError> {
+        let Some(port) = self.spec.agent_log_port else {
+            return Ok(());
+        };
+        let mut path = self.paths.vsock_uds.clone().into_os_string();
+        path.push(format!("_{port}"));
+        let listener = UnixListener::bind(&path).map_err(|e| state_err(Path::new(&path), e))?;
+        let log_path = self.paths.agent_log.clone();
+        let id = self.spec.id.clone();
+        self.log_task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log_path = log_path.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let file = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log_path)
+                        .await;
+                    match file {
+                        Ok(mut f) => {
+                            if let Err(e) = tokio::io::copy(&mut stream, &mut f).await {
+                                debug!(%id, "agent log stream ended: {e}");
+                            }
+                            let _ = f.flush().await;
+                        }
+                        Err(e) => warn!(%id, "opening {}: {e}", log_path.display()),
+                    }
+                });
+            }
+        }));
+        Ok(())
+    }
+
+    async fn wait_for_agent(&mut self, deadline: Instant) -> Result<(), LaunchError> {
+        let mut last_error = String::from("none yet");
+        loop {
+            self.check_alive().await?;
+            if Instant::now() >= deadline {
+                return Err(LaunchError::BootTimeout {
+                    timeout: self.spec.boot_timeout,
+                    last_error,
+                    console: tail(&self.paths.console_log),
+                });
+            }
+            // Short attempts: until the guest's vsock driver is up, a CONNECT
+            // waits in the device rather than failing.
+            let attempt = Duration::from_millis(500).min(deadline - Instant::now());
+            let result = tokio::time::timeout(attempt, async {
+                let client = AgentClient::connect(&self.paths.vsock_uds, attempt).await?;
+                client.health().await?;
+                Ok::<_, AgentError>(client)
+            })
+            .await;
+            match result {
+                Ok(Ok(client)) => {
+                    self.agent = Some(client);
+                    return Ok(());
+                }
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => last_error = format!("attempt timed out after {attempt:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn check_alive(&mut self) -> Result<(), LaunchError> {
+        let qemu_exit = |vm: &mut PodVm| -> Result<Option<ExitStatus>, LaunchError> {
+            match vm.qemu.as_mut() {
+                Some(c) => c.try_wait().map_err(LaunchError::Wait),
+                None => Ok(None),
+            }
+        };
+        let mut qemu_status = qemu_exit(self)?;
+        let vmm_status = match (qemu_status, self.vmm.as_mut()) {
+            (None, Some(c)) => c.try_wait().map_err(LaunchError::Wait)?,
+            _ => None,
+        };
+        if vmm_status.is_some() {
+            // husk-vmm ends when QEMU closes the vhost-user connection, which
+            // QEMU does on its way out: give QEMU a moment so that the error
+            // names the process that failed first.
+            for _ in 0..50 {
+                qemu_status = qemu_exit(self)?;
+                if qemu_status.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if let Some(status) = qemu_status {
+            return Err(LaunchError::Exited {
+                what: "QEMU",
+                status,
+                console: tail(&self.paths.console_log),
+                log: tail(&self.paths.qemu_log),
+            });
+        }
+        if let Some(status) = vmm_status {
+            return Err(LaunchError::Exited {
+                what: "husk-vmm",
+                status,
+                console: tail(&self.paths.console_log),
+                log: tail(&self.paths.vmm_log),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PodVm {
+    fn drop(&mut self) {
+        // Synchronous last resort for a VM that was not shut down: SIGKILL,
+        // reap, and remove the state directory.
+        for child in [self.qemu.take(), self.vmm.take()].into_iter().flatten() {
+            reap_now(child);
+        }
+        if let Some(t) = self.log_task.take() {
+            t.abort();
+        }
+        remove_state_dir(&self.paths.dir);
+    }
+}
+
+fn reap_now(mut child: Child) {
+    let _ = child.start_kill();
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    warn!(pid = ?child.id(), "VM process did not exit after SIGKILL");
+}
+
+fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
+    let bad = |m: String| Err(LaunchError::InvalidSpec(m));
+    for (what, p) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
+        match fs::metadata(p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return bad(format!("{what} {} is not a file", p.display())),
+            Err(e) => return bad(format!("{what} {}: {e}", p.display())),
+        }
+    }
+    if spec.vcpus == 0 || spec.vcpus > 64 {
+        return bad(format!("vcpus must be 1..=64, got {}", spec.vcpus));
+    }
+    if spec.memory_mib < 64 {
+        return bad(format!(
+            "memory must be at least 64 MiB, got {}",
+            spec.memory_mib
+        ));
+    }
+    if spec.guest_cid < 3 {
+        return bad(format!(
+            "guest CID must be 3 or more, got {}",
+            spec.guest_cid
+        ));
+    }
+    if spec.id.is_empty()
+        || !spec
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return bad(format!("id {:?} must be non-empty [A-Za-z0-9._-]", spec.id));
+    }
+    Ok(())
+}
+
+fn spawn(mut cmd: Command, what: &'static str, binary: &Path) -> Result<Child, LaunchError> {
+    cmd.kill_on_drop(true);
+    // If the process that launched the VM dies without cleaning up (crash,
+    // SIGKILL), the kernel ends the VM's processes too.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|source| LaunchError::Spawn {
+        what,
+        binary: binary.to_path_buf(),
+        source,
+    })
+}
+
+fn create_log(path: &Path) -> Result<fs::File, LaunchError> {
+    fs::File::create(path).map_err(|e| state_err(path, e))
+}
+
+fn state_err(path: &Path, source: io::Error) -> LaunchError {
+    LaunchError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn remove_state_dir(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing VM state directory {}: {e}", dir.display()),
+    }
+}
+
+/// Whether a Unix socket is bound at `path` and listening, from
+/// /proc/net/unix (flag __SO_ACCEPTCON, 0x10000).
+fn unix_socket_listening(path: &Path) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.as_os_str().to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == want
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
+/// The last few KiB of a log file, for error messages.
+fn tail(path: &Path) -> String {
+    let read = || -> io::Result<String> {
+        let mut f = fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    read().unwrap_or_else(|e| format!("<{} unreadable: {e}>", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_with_bad_values_are_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        fs::write(&k, b"x").unwrap();
+        let mut s = VmSpec::new("ok", k.clone(), k.clone(), dir.path().join("state"));
+        assert!(validate(&s).is_ok());
+        s.vcpus = 0;
+        assert!(validate(&s).unwrap_err().to_string().contains("vcpus"));
+        s.vcpus = 1;
+        s.memory_mib = 8;
+        assert!(validate(&s).unwrap_err().to_string().contains("memory"));
+        s.memory_mib = 256;
+        s.initrd = dir.path().join("missing");
+        assert!(validate(&s).unwrap_err().to_string().contains("initrd"));
+        s.initrd = k;
+        s.id = "a/b".into();
+        assert!(validate(&s).unwrap_err().to_string().contains("id"));
+    }
+
+    #[tokio::test]
+    async fn missing_vmm_binary_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        fs::write(&k, b"x").unwrap();
+        let state = dir.path().join("state");
+        let mut s = VmSpec::new("t", k.clone(), k, state.clone());
+        s.vmm_binary = dir.path().join("no-such-husk-vmm");
+        s.accel = AccelChoice::Tcg;
+        let err = PodVm::launch(s).await.err().expect("launch must fail");
+        assert!(
+            matches!(
+                err,
+                LaunchError::Spawn {
+                    what: "husk-vmm",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!state.exists(), "state directory left behind");
+    }
+
+    #[test]
+    fn listening_sockets_are_seen_in_proc_net_unix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sock");
+        assert!(!unix_socket_listening(&p));
+        let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        assert!(unix_socket_listening(&p));
+    }
+
+    #[test]
+    fn tail_quotes_the_end_of_a_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        fs::write(&p, "a".repeat(5000) + "END").unwrap();
+        let t = tail(&p);
+        assert!(t.ends_with("END") && t.len() as u64 == LOG_TAIL_BYTES);
+        assert!(tail(&dir.path().join("none")).contains("unreadable"));
+    }
+}

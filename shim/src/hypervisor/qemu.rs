@@ -1,0 +1,158 @@
+//! The QEMU command line for a pod VM.
+
+use std::{ffi::OsString, path::Path};
+
+use super::{Accel, VmSpec};
+
+/// husk's kernel command line. `reboot=t` makes a guest reboot (how the agent
+/// powers off) a triple fault, which QEMU's `-no-reboot` turns into an exit;
+/// `panic=-1` does the same for a kernel panic, so a crashed guest never sits
+/// there burning CPU.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+    if let Some(port) = spec.agent_log_port {
+        c.push_str(&format!(" husk.log_port={port}"));
+    }
+    if !spec.extra_cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(spec.extra_cmdline.trim());
+    }
+    c
+}
+
+/// Paths the QEMU process uses inside the VM's state directory.
+pub struct QemuPaths<'a> {
+    pub vhost_vsock_socket: &'a Path,
+    pub console_log: &'a Path,
+}
+
+/// Arguments for `qemu-system-x86_64`.
+pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString> {
+    let mem = spec.memory_mib;
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |s: String| a.push(s.into());
+    push("-name".into());
+    push(format!("husk-{},debug-threads=on", spec.id));
+    // Guest RAM must be a shareable memfd so the vhost-user backend (husk-vmm)
+    // can map it. No ACPI: devices are announced on the kernel command line,
+    // which QEMU's microvm adds itself.
+    push("-M".into());
+    push("microvm,memory-backend=mem,acpi=off,x-option-roms=off".into());
+    push("-object".into());
+    push(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"));
+    push("-m".into());
+    push(format!("{mem}M"));
+    push("-smp".into());
+    push(spec.vcpus.to_string());
+    match accel {
+        Accel::Kvm => {
+            push("-accel".into());
+            push("kvm".into());
+            push("-cpu".into());
+            push("host".into());
+        }
+        Accel::Tcg => {
+            push("-accel".into());
+            push("tcg".into());
+            push("-cpu".into());
+            push("max".into());
+        }
+    }
+    for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+        push(flag.into());
+    }
+    push("-serial".into());
+    a.push(prefixed("file:", paths.console_log));
+    let mut push = |s: String| a.push(s.into());
+    push("-kernel".into());
+    a.push(spec.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(spec.initrd.clone().into());
+    a.push("-append".into());
+    a.push(kernel_cmdline(spec).into());
+    a.push("-chardev".into());
+    let mut chardev = OsString::from("socket,id=vsock0,path=");
+    chardev.push(paths.vhost_vsock_socket);
+    a.push(chardev);
+    a.push("-device".into());
+    a.push("vhost-user-vsock-device,chardev=vsock0".into());
+    a
+}
+
+fn prefixed(prefix: &str, p: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(p);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec() -> VmSpec {
+        let mut s = VmSpec::new(
+            "t1",
+            "/k/vmlinux".into(),
+            "/k/initrd.img".into(),
+            "/run/husk/t1".into(),
+        );
+        s.vcpus = 2;
+        s.memory_mib = 128;
+        s
+    }
+
+    #[test]
+    fn command_line_carries_memory_cpus_and_devices() {
+        let vhost = PathBuf::from("/run/husk/t1/vsock.vhost");
+        let console = PathBuf::from("/run/husk/t1/console.log");
+        let a: Vec<String> = args(
+            &spec(),
+            Accel::Tcg,
+            &QemuPaths {
+                vhost_vsock_socket: &vhost,
+                console_log: &console,
+            },
+        )
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect();
+        let joined = a.join(" ");
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem,size=128M,share=on"),
+            "{joined}"
+        );
+        assert!(joined.contains("-smp 2"), "{joined}");
+        assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
+        assert!(
+            joined.contains("-serial file:/run/husk/t1/console.log"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("socket,id=vsock0,path=/run/husk/t1/vsock.vhost"),
+            "{joined}"
+        );
+        assert!(joined.contains("-no-reboot"), "{joined}");
+        let kvm = args(
+            &spec(),
+            Accel::Kvm,
+            &QemuPaths {
+                vhost_vsock_socket: &vhost,
+                console_log: &console,
+            },
+        );
+        assert!(kvm.iter().any(|s| s == "host"));
+    }
+
+    #[test]
+    fn cmdline_has_power_off_and_log_port() {
+        let mut s = spec();
+        s.extra_cmdline = " husk.log=debug ".into();
+        let c = kernel_cmdline(&s);
+        assert!(c.starts_with("console=ttyS0 reboot=t panic=-1"), "{c}");
+        assert!(c.contains("husk.log_port=1025"), "{c}");
+        assert!(c.ends_with(" husk.log=debug"), "{c}");
+        s.agent_log_port = None;
+        assert!(!kernel_cmdline(&s).contains("log_port"));
+    }
+}

@@ -1,0 +1,4 @@
+//! Virtio devices, written against guest memory and `virtio_queue::Queue` so that every front
+//! end (vhost-user, husk-vmm's own virtio-mmio transport) shares them.
+
+pub mod vsock;

@@ -1,0 +1,142 @@
+//! The `husk-vmm` binary.
+//!
+//! One subcommand per way husk-vmm runs; today `vhost-user-vsock`, which serves the vsock device
+//! to QEMU. Each subcommand parses into its own args struct and runs in its own function, so
+//! `husk-vmm run ...` (the KVM VM) slots in beside it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::thread;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use husk_vmm::devices::virtio::vsock::{MuxerConfig, VsockMuxer};
+use husk_vmm::sock::bind_unix_listener;
+use husk_vmm::vhost_user::serve_vsock;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "husk-vmm",
+    version,
+    about = "husk's microVM monitor and device backends"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a virtio-vsock device with a hybrid vsock host side to one vhost-user front end
+    /// (QEMU's vhost-user-vsock-device), until it disconnects.
+    VhostUserVsock(VhostUserVsockArgs),
+}
+
+#[derive(Args, Debug)]
+struct VhostUserVsockArgs {
+    /// vhost-user socket to listen on (QEMU's -chardev socket,path=...).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Hybrid vsock socket: host clients connect here and send "CONNECT <port>\n"; guest
+    /// connections to host port P go to "<PATH>_P".
+    #[arg(long, value_name = "PATH")]
+    uds: PathBuf,
+    /// The guest's context id (3 or more).
+    #[arg(long, value_name = "CID", default_value_t = 3)]
+    guest_cid: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::VhostUserVsock(args) => vhost_user_vsock(args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("husk-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
+    // 0 and 1 are reserved, 2 is the host, and Linux treats CIDs as 32-bit with -1 meaning
+    // "any".
+    if args.guest_cid < 3 || args.guest_cid >= u64::from(u32::MAX) {
+        bail!(
+            "--guest-cid {}: must be between 3 and {}",
+            args.guest_cid,
+            u32::MAX - 1
+        );
+    }
+    let sockets = vec![args.uds.clone(), args.socket.clone()];
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
+
+    // The hybrid socket first: the launcher takes the vhost-user socket's appearance to mean
+    // both are ready.
+    let muxer = VsockMuxer::bind(MuxerConfig::new(args.guest_cid, &args.uds))
+        .with_context(|| format!("--uds {}", args.uds.display()))?;
+    let listener = bind_unix_listener(&args.socket)
+        .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
+    info!(
+        socket = %args.socket.display(),
+        uds = %args.uds.display(),
+        guest_cid = args.guest_cid,
+        "vhost-user-vsock backend listening"
+    );
+
+    let res = serve_vsock(listener.into(), args.guest_cid, muxer)
+        .context("vhost-user-vsock backend failed");
+    remove_sockets(&sockets);
+    info!("vhost-user front end disconnected; exiting");
+    res
+}
+
+/// SIGINT and SIGTERM end the process cleanly: sockets removed, exit status 0.
+///
+/// The signals are blocked in this thread before any other thread exists, so every thread
+/// inherits the mask and only the waiting thread ever sees them.
+fn exit_on_signals(sockets: Vec<PathBuf>) -> Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("cannot block SIGINT/SIGTERM")?;
+    thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || match set.wait() {
+            Ok(sig) => {
+                info!(signal = %sig, "exiting on signal");
+                remove_sockets(&sockets);
+                std::process::exit(0);
+            }
+            Err(e) => error!(error = %e, "waiting for signals failed"),
+        })
+        .context("cannot spawn the signal thread")?;
+    Ok(())
+}
+
+fn remove_sockets(paths: &[PathBuf]) {
+    for path in paths {
+        remove_socket(path);
+    }
+}
+
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            error!(path = %path.display(), error = %e, "cannot remove socket");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! vhost-user front ends: husk's device models served to QEMU over vhost-user.
+//!
+//! QEMU is the vhost-user front end (it connects); we listen and serve exactly one connection.
+
+pub mod vsock;
+
+pub use self::vsock::{serve_vsock, VhostUserVsockBackend, VhostUserVsockError};
