@@ -36,7 +36,7 @@ build:
 	$(CARGO) build -p husk-vmm -p husk-shim
 
 test: guest build
-	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace --no-fail-fast
 
 bench: guest
 	$(CARGO) build --release -p husk-vmm -p husk-tests --bin husk-bench

@@ -62,8 +62,12 @@ async fn runs_as_pid1_and_reboots_its_namespace_on_shutdown() {
         return;
     }
     // Not under /tmp or /run: the agent mounts fresh tmpfs over those inside
-    // its namespace, which would hide the socket from this side.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // its namespace, which would hide the socket from this side. The target
+    // directory itself may be under /tmp (a CI checkout), so use /var/tmp.
+    let dir = tempfile::Builder::new()
+        .prefix("husk-agent-pid1-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let sock = dir.path().join("agent.sock");
 
     let mut child = Command::new("unshare")
