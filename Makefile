@@ -39,7 +39,8 @@ test: guest build
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace --no-fail-fast
 
 bench: guest
-	$(CARGO) build --release -p husk-vmm -p husk-tests --bin husk-bench
+	$(CARGO) build --release -p husk-vmm
+	$(CARGO) build --release -p husk-tests --bin husk-bench
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/release/husk-vmm target/release/husk-bench
 
 lint:
