@@ -12,6 +12,8 @@ pkgs=(
   libseccomp-dev protobuf-compiler
   # test images and tools
   busybox-static procps
+  # containerd and its runc runtime: the shim tests and the runc baseline
+  containerd runc containernetworking-plugins
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -15,6 +15,10 @@ use std::{
 use anyhow::{bail, Result};
 use husk_shim::hypervisor::VmSpec;
 
+pub mod containerd;
+pub mod oci_image;
+pub mod rootfs;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

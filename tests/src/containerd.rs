@@ -1,0 +1,153 @@
+//! A private containerd for tests: its own root, state, socket and config,
+//! started by the test and stopped when dropped, so tests never touch a
+//! system containerd.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub const NAMESPACE: &str = "husk-test";
+
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd with `extra_config` appended to its config (TOML,
+    /// version 2) and waits until it answers.
+    pub fn start(extra_config: &str) -> Result<Self> {
+        if which("containerd").is_none() || which("ctr").is_none() {
+            bail!("containerd and ctr are not installed (make setup installs Debian's containerd)");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("husk-containerd-")
+            .tempdir_in("/var/tmp")?;
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{extra_config}\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )?;
+        let log = fs::File::create(dir.path().join("containerd.log"))?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd")?;
+        let mut c = Containerd {
+            dir,
+            socket,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(out) = c.ctr(&["version"]) {
+                if out.status.success() {
+                    return Ok(c);
+                }
+            }
+            if let Some(status) = c.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+                bail!("containerd exited ({status}); log:\n{}", c.log());
+            }
+            if Instant::now() > deadline {
+                bail!("containerd did not answer within 30 s; log:\n{}", c.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// A `ctr` command against this containerd, in the test namespace.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg(NAMESPACE)
+            .args(args);
+        cmd
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_command(args)
+            .output()
+            .with_context(|| format!("running ctr {}", args.join(" ")))
+    }
+
+    /// Imports an OCI archive written by [`crate::oci_image::write_oci_archive`].
+    pub fn import(&self, archive: &Path) -> Result<()> {
+        let out = self.ctr(&["images", "import", &archive.to_string_lossy()])?;
+        if !out.status.success() {
+            bail!(
+                "ctr images import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Snapshot mounts of containers that a failed test left running.
+        let root = self.dir.path().join("root");
+        if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
+            let mut targets: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|t| t.starts_with(&*root.to_string_lossy()))
+                .collect();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+            for t in targets {
+                let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.is_file())
+}
