@@ -55,6 +55,17 @@ pub struct VmSpec {
     /// Host vsock port the agent streams its log to (a guest-initiated
     /// connection); `None` leaves the agent's log on the serial console only.
     pub agent_log_port: Option<u32>,
+    /// The pod's shared directory, exported to the guest with virtio-fs.
+    pub share: Option<Share>,
+}
+
+/// A host directory the guest mounts with `mount -t virtiofs <tag> <dir>`.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub dir: PathBuf,
+    /// At most 36 bytes of `[A-Za-z0-9._-]` (virtio-fs config space, and no
+    /// commas that QEMU's option parser would split on).
+    pub tag: String,
 }
 
 impl VmSpec {
@@ -81,6 +92,7 @@ impl VmSpec {
             extra_cmdline: String::new(),
             guest_cid: 3,
             agent_log_port: Some(DEFAULT_AGENT_LOG_PORT),
+            share: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! A running pod VM: its processes, sockets and logs, from launch to teardown.
 //!
-//! Two child processes make up a VM on the QEMU path: husk-vmm serving the
-//! vsock device over vhost-user, and QEMU. Every way out (a clean shutdown, a
+//! On the QEMU path a VM is QEMU plus one husk-vmm process per vhost-user
+//! device (vsock always, virtio-fs when the pod has a shared directory). Every way out (a clean shutdown, a
 //! guest that hangs, a guest that crashes, a launch that fails half-way, or the
 //! `PodVm` simply being dropped) ends both processes and removes the state
 //! directory, so nothing is leaked.
@@ -43,8 +43,12 @@ pub enum LaunchError {
         binary: PathBuf,
         source: io::Error,
     },
-    #[error("husk-vmm vsock backend did not come up within {timeout:?}; its log:\n{log}")]
-    VmmNotReady { timeout: Duration, log: String },
+    #[error("{what} did not come up within {timeout:?}; its log:\n{log}")]
+    VmmNotReady {
+        what: &'static str,
+        timeout: Duration,
+        log: String,
+    },
     #[error("{what} exited ({status}) before the agent was ready; console:\n{console}\n{what} log:\n{log}")]
     Exited {
         what: &'static str,
@@ -65,7 +69,7 @@ pub enum LaunchError {
 /// Host-side timestamps of a launch, from the start of [`PodVm::launch`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LaunchTimings {
-    /// husk-vmm's vhost-user socket is accepting connections.
+    /// Every husk-vmm device backend's vhost-user socket is accepting connections.
     pub vmm_ready: Duration,
     /// QEMU has been spawned.
     pub qemu_spawned: Duration,
@@ -88,7 +92,7 @@ struct Paths {
     vhost_vsock: PathBuf,
     console_log: PathBuf,
     qemu_log: PathBuf,
-    vmm_log: PathBuf,
+    vhost_fs: PathBuf,
     agent_log: PathBuf,
 }
 
@@ -100,7 +104,7 @@ impl Paths {
             vhost_vsock: dir.join("vsock.vhost"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
-            vmm_log: dir.join("vmm.log"),
+            vhost_fs: dir.join("fs.vhost"),
             agent_log: dir.join("agent.log"),
         }
     }
@@ -112,7 +116,7 @@ pub struct PodVm {
     accel: Accel,
     paths: Paths,
     qemu: Option<Child>,
-    vmm: Option<Child>,
+    backends: Vec<Backend>,
     log_task: Option<JoinHandle<()>>,
     agent: Option<AgentClient>,
     timings: LaunchTimings,
@@ -144,14 +148,14 @@ impl PodVm {
             accel,
             paths,
             qemu: None,
-            vmm: None,
+            backends: Vec::new(),
             log_task: None,
             agent: None,
             timings: LaunchTimings::default(),
         };
         // On any error below, dropping `vm` kills what was started and removes
         // the state directory.
-        vm.start_vmm().await?;
+        vm.start_backends().await?;
         vm.timings.vmm_ready = start.elapsed();
         vm.start_agent_log_listener()?;
         vm.start_qemu()?;
@@ -189,11 +193,12 @@ impl PodVm {
         &self.paths.agent_log
     }
 
-    /// Process ids of QEMU and husk-vmm, while they run.
+    /// Process ids of QEMU (first) and the husk-vmm device backends, while they run.
     pub fn pids(&self) -> Vec<u32> {
-        [&self.qemu, &self.vmm]
-            .into_iter()
-            .filter_map(|c| c.as_ref().and_then(|c| c.id()))
+        self.qemu
+            .iter()
+            .chain(self.backends.iter().map(|b| &b.child))
+            .filter_map(|c| c.id())
             .collect()
     }
 
@@ -244,12 +249,16 @@ impl PodVm {
         if !status.success() {
             return Err(format!("QEMU exited with {status} on shutdown"));
         }
-        // husk-vmm exits by itself once QEMU, its vhost-user front end, is gone.
-        if let Some(vmm) = self.vmm.as_mut() {
-            match tokio::time::timeout_at(deadline.into(), vmm.wait()).await {
-                Ok(Ok(_)) => self.vmm = None,
+        // Each backend exits by itself once QEMU, its vhost-user front end, is gone.
+        while let Some(mut b) = self.backends.pop() {
+            match tokio::time::timeout_at(deadline.into(), b.child.wait()).await {
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err("husk-vmm did not exit after QEMU".into()),
+                Err(_) => {
+                    let what = b.what;
+                    self.backends.push(b);
+                    return Err(format!("{what} did not exit after QEMU"));
+                }
             }
         }
         Ok(())
@@ -257,11 +266,11 @@ impl PodVm {
 
     async fn teardown(&mut self) {
         self.agent = None;
-        for (name, child) in [("QEMU", self.qemu.take()), ("husk-vmm", self.vmm.take())] {
-            if let Some(mut child) = child {
-                if let Err(e) = child.kill().await {
-                    warn!(id = %self.spec.id, "killing {name}: {e}");
-                }
+        let qemu = self.qemu.take().map(|c| ("QEMU", c));
+        let backends = self.backends.drain(..).map(|b| (b.what, b.child));
+        for (name, mut child) in qemu.into_iter().chain(backends).collect::<Vec<_>>() {
+            if let Err(e) = child.kill().await {
+                warn!(id = %self.spec.id, "killing {name}: {e}");
             }
         }
         if let Some(t) = self.log_task.take() {
@@ -270,50 +279,80 @@ impl PodVm {
         remove_state_dir(&self.paths.dir);
     }
 
-    async fn start_vmm(&mut self) -> Result<(), LaunchError> {
-        let log = create_log(&self.paths.vmm_log)?;
-        let mut cmd = Command::new(&self.spec.vmm_binary);
-        cmd.arg("vhost-user-vsock")
-            .arg("--socket")
-            .arg(&self.paths.vhost_vsock)
-            .arg("--uds")
-            .arg(&self.paths.vsock_uds)
-            .arg("--guest-cid")
-            .arg(self.spec.guest_cid.to_string())
-            .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| state_err(&self.paths.vmm_log, e))?,
-            )
-            .stderr(log);
-        let child = spawn(cmd, "husk-vmm", &self.spec.vmm_binary)?;
-        self.vmm = Some(child);
-
+    /// Starts one husk-vmm per vhost-user device and waits until each listens.
+    async fn start_backends(&mut self) -> Result<(), LaunchError> {
         // husk-vmm binds its hybrid vsock socket before the vhost-user one, so
-        // the vhost-user socket accepting connections means both are ready.
+        // the vhost-user socket listening means both are ready.
+        let mut wanted: Vec<(&'static str, PathBuf, Vec<std::ffi::OsString>)> = vec![(
+            "husk-vmm vsock",
+            self.paths.vhost_vsock.clone(),
+            vec![
+                "vhost-user-vsock".into(),
+                "--socket".into(),
+                self.paths.vhost_vsock.clone().into(),
+                "--uds".into(),
+                self.paths.vsock_uds.clone().into(),
+                "--guest-cid".into(),
+                self.spec.guest_cid.to_string().into(),
+            ],
+        )];
+        if let Some(share) = &self.spec.share {
+            wanted.push((
+                "husk-vmm virtio-fs",
+                self.paths.vhost_fs.clone(),
+                vec![
+                    "vhost-user-fs".into(),
+                    "--socket".into(),
+                    self.paths.vhost_fs.clone().into(),
+                    "--shared-dir".into(),
+                    share.dir.clone().into(),
+                    "--tag".into(),
+                    share.tag.clone().into(),
+                ],
+            ));
+        }
+        for (what, socket, args) in wanted {
+            let log_path = self
+                .paths
+                .dir
+                .join(format!("{}.log", what.replace([' ', '-'], "_")));
+            let log = create_log(&log_path)?;
+            let mut cmd = Command::new(&self.spec.vmm_binary);
+            cmd.args(args)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|e| state_err(&log_path, e))?)
+                .stderr(log);
+            let child = spawn(cmd, what, &self.spec.vmm_binary)?;
+            self.backends.push(Backend {
+                what,
+                child,
+                log: log_path,
+                socket,
+            });
+        }
         let timeout = Duration::from_secs(5);
         let deadline = Instant::now() + timeout;
-        loop {
-            // Not a probe connection: the backend serves exactly one front
+        for b in self.backends.iter_mut() {
+            // Not a probe connection: a backend serves exactly one front
             // end, so a test connect would use it up.
-            if unix_socket_listening(&self.paths.vhost_vsock) {
-                break;
+            while !unix_socket_listening(&b.socket) {
+                if let Some(status) = b.child.try_wait().map_err(LaunchError::Wait)? {
+                    return Err(LaunchError::Exited {
+                        what: b.what,
+                        status,
+                        console: String::new(),
+                        log: tail(&b.log),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(LaunchError::VmmNotReady {
+                        what: b.what,
+                        timeout,
+                        log: tail(&b.log),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(LaunchError::Exited {
-                    what: "husk-vmm",
-                    status,
-                    console: String::new(),
-                    log: tail(&self.paths.vmm_log),
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(LaunchError::VmmNotReady {
-                    timeout,
-                    log: tail(&self.paths.vmm_log),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         Ok(())
     }
@@ -325,6 +364,11 @@ impl PodVm {
             self.accel,
             &qemu::QemuPaths {
                 vhost_vsock_socket: &self.paths.vhost_vsock,
+                vhost_fs_socket: self
+                    .spec
+                    .share
+                    .as_ref()
+                    .map(|_| self.paths.vhost_fs.as_path()),
                 console_log: &self.paths.console_log,
             },
         );
@@ -413,23 +457,22 @@ impl PodVm {
     }
 
     async fn check_alive(&mut self) -> Result<(), LaunchError> {
-        let qemu_exit = |vm: &mut PodVm| -> Result<Option<ExitStatus>, LaunchError> {
-            match vm.qemu.as_mut() {
-                Some(c) => c.try_wait().map_err(LaunchError::Wait),
-                None => Ok(None),
+        let mut qemu_status = self.qemu_exit()?;
+        let mut backend_exit = None;
+        if qemu_status.is_none() {
+            for (i, b) in self.backends.iter_mut().enumerate() {
+                if let Some(status) = b.child.try_wait().map_err(LaunchError::Wait)? {
+                    backend_exit = Some((i, status));
+                    break;
+                }
             }
-        };
-        let mut qemu_status = qemu_exit(self)?;
-        let vmm_status = match (qemu_status, self.vmm.as_mut()) {
-            (None, Some(c)) => c.try_wait().map_err(LaunchError::Wait)?,
-            _ => None,
-        };
-        if vmm_status.is_some() {
-            // husk-vmm ends when QEMU closes the vhost-user connection, which
+        }
+        if backend_exit.is_some() {
+            // A backend ends when QEMU closes its vhost-user connection, which
             // QEMU does on its way out: give QEMU a moment so that the error
             // names the process that failed first.
             for _ in 0..50 {
-                qemu_status = qemu_exit(self)?;
+                qemu_status = self.qemu_exit()?;
                 if qemu_status.is_some() {
                     break;
                 }
@@ -444,23 +487,46 @@ impl PodVm {
                 log: tail(&self.paths.qemu_log),
             });
         }
-        if let Some(status) = vmm_status {
+        if let Some((i, status)) = backend_exit {
+            let b = &self.backends[i];
             return Err(LaunchError::Exited {
-                what: "husk-vmm",
+                what: b.what,
                 status,
                 console: tail(&self.paths.console_log),
-                log: tail(&self.paths.vmm_log),
+                log: tail(&b.log),
             });
         }
         Ok(())
     }
+
+    fn qemu_exit(&mut self) -> Result<Option<ExitStatus>, LaunchError> {
+        match self.qemu.as_mut() {
+            Some(c) => c.try_wait().map_err(LaunchError::Wait),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A husk-vmm process serving one vhost-user device to QEMU.
+struct Backend {
+    what: &'static str,
+    child: Child,
+    log: PathBuf,
+    socket: PathBuf,
 }
 
 impl Drop for PodVm {
     fn drop(&mut self) {
         // Synchronous last resort for a VM that was not shut down: SIGKILL,
         // reap, and remove the state directory.
-        for child in [self.qemu.take(), self.vmm.take()].into_iter().flatten() {
+        let backends = self.backends.drain(..).map(|b| b.child);
+        for child in self
+            .qemu
+            .take()
+            .into_iter()
+            .chain(backends)
+            .collect::<Vec<_>>()
+        {
             reap_now(child);
         }
         if let Some(t) = self.log_task.take() {
@@ -505,6 +571,26 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
             "guest CID must be 3 or more, got {}",
             spec.guest_cid
         ));
+    }
+    if let Some(share) = &spec.share {
+        let tag_ok = !share.tag.is_empty()
+            && share.tag.len() <= 36
+            && share
+                .tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !tag_ok {
+            return bad(format!(
+                "share tag {:?} must be 1-36 bytes of [A-Za-z0-9._-]",
+                share.tag
+            ));
+        }
+        if !share.dir.is_dir() {
+            return bad(format!(
+                "shared directory {} is not a directory",
+                share.dir.display()
+            ));
+        }
     }
     if spec.id.is_empty()
         || !spec
@@ -621,7 +707,7 @@ mod tests {
             matches!(
                 err,
                 LaunchError::Spawn {
-                    what: "husk-vmm",
+                    what: "husk-vmm vsock",
                     ..
                 }
             ),

@@ -23,6 +23,8 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
 /// Paths the QEMU process uses inside the VM's state directory.
 pub struct QemuPaths<'a> {
     pub vhost_vsock_socket: &'a Path,
+    /// husk-vmm's vhost-user-fs socket, when the VM has a share.
+    pub vhost_fs_socket: Option<&'a Path>,
     pub console_log: &'a Path,
 }
 
@@ -76,6 +78,12 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
     a.push(chardev);
     a.push("-device".into());
     a.push("vhost-user-vsock-device,chardev=vsock0".into());
+    if let (Some(socket), Some(share)) = (paths.vhost_fs_socket, &spec.share) {
+        a.push("-chardev".into());
+        a.push(prefixed("socket,id=fs0,path=", socket));
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-device,chardev=fs0,tag={}", share.tag).into());
+    }
     a
 }
 
@@ -111,6 +119,7 @@ mod tests {
             Accel::Tcg,
             &QemuPaths {
                 vhost_vsock_socket: &vhost,
+                vhost_fs_socket: None,
                 console_log: &console,
             },
         )
@@ -138,10 +147,36 @@ mod tests {
             Accel::Kvm,
             &QemuPaths {
                 vhost_vsock_socket: &vhost,
+                vhost_fs_socket: None,
                 console_log: &console,
             },
         );
         assert!(kvm.iter().any(|s| s == "host"));
+        assert!(
+            !joined.contains("vhost-user-fs"),
+            "no share, no fs device: {joined}"
+        );
+
+        let mut shared = spec();
+        shared.share = Some(crate::hypervisor::Share {
+            dir: "/run/husk/t1/shared".into(),
+            tag: "husk".into(),
+        });
+        let fs_sock = PathBuf::from("/run/husk/t1/fs.vhost");
+        let joined: String = args(
+            &shared,
+            Accel::Tcg,
+            &QemuPaths {
+                vhost_vsock_socket: &vhost,
+                vhost_fs_socket: Some(&fs_sock),
+                console_log: &console,
+            },
+        )
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+        assert!(joined.contains("-chardev socket,id=fs0,path=/run/husk/t1/fs.vhost -device vhost-user-fs-device,chardev=fs0,tag=husk"), "{joined}");
     }
 
     #[test]

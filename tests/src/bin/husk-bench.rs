@@ -62,6 +62,7 @@ fn baseline_boot(spec: &VmSpec, accel: Accel, dir: &Path) -> Result<Duration> {
         accel,
         &qemu::QemuPaths {
             vhost_vsock_socket: Path::new("/unused"),
+            vhost_fs_socket: None,
             console_log: &console,
         },
     );
