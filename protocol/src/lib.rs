@@ -8,7 +8,11 @@
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Version of the agent API served by this build; bumped when calls are added.
-pub const API_VERSION: u32 = 1;
+///
+/// 1: health, version, guest details, shutdown.
+/// 2: sandbox set-up, container lifecycle, stdio, stats, update, pause/resume,
+///    OOM events, process lists.
+pub const API_VERSION: u32 = 2;
 
 #[allow(
     clippy::all,

@@ -17,6 +17,7 @@ use husk_shim::hypervisor::VmSpec;
 
 pub mod containerd;
 pub mod oci_image;
+pub mod oci_spec;
 pub mod rootfs;
 
 pub fn workspace_root() -> PathBuf {

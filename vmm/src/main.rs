@@ -14,8 +14,12 @@ use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
+mod cli_run;
+
+use husk_vmm::devices::virtio::fs::{limit_open_files, CacheMode, FsConfig, FsDevice};
 use husk_vmm::devices::virtio::vsock::{MuxerConfig, VsockMuxer};
 use husk_vmm::sock::bind_unix_listener;
+use husk_vmm::vhost_user::serve_fs;
 use husk_vmm::vhost_user::serve_vsock;
 
 #[derive(Parser, Debug)]
@@ -34,6 +38,33 @@ enum Command {
     /// Serve a virtio-vsock device with a hybrid vsock host side to one vhost-user front end
     /// (QEMU's vhost-user-vsock-device), until it disconnects.
     VhostUserVsock(VhostUserVsockArgs),
+    /// Serve a virtio-fs device exporting one host directory to one vhost-user front end
+    /// (QEMU's vhost-user-fs-device), until it disconnects.
+    VhostUserFs(VhostUserFsArgs),
+    /// Boot a microVM on KVM (husk's own VMM): kernel, initrd, serial console, vsock, rng.
+    Run(cli_run::RunArgs),
+}
+
+#[derive(Args, Debug)]
+struct VhostUserFsArgs {
+    /// vhost-user socket to listen on (QEMU's -chardev socket,path=...).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Host directory the guest sees as the file system root.
+    #[arg(long, value_name = "DIR")]
+    shared_dir: PathBuf,
+    /// Name the guest mounts (mount -t virtiofs <TAG> ...): 1 to 36 bytes.
+    #[arg(long)]
+    tag: String,
+    /// Guest caching: never, auto (close-to-open, 1 s timeouts) or always.
+    #[arg(long, default_value_t = CacheMode::Auto)]
+    cache: CacheMode,
+    /// Pass extended attributes through (file capabilities, ACLs).
+    #[arg(long)]
+    xattr: bool,
+    /// Most fds the process may hold: bounds the inodes and open files the guest can pin.
+    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    max_open_files: u64,
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +82,7 @@ struct VhostUserVsockArgs {
 }
 
 fn main() -> ExitCode {
+    let t0_ns = cli_run::now_ns();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -61,6 +93,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::VhostUserVsock(args) => vhost_user_vsock(args),
+        Command::VhostUserFs(args) => vhost_user_fs(args),
+        Command::Run(args) => cli_run::run(args, t0_ns),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,6 +134,49 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
 
     let res = serve_vsock(listener.into(), args.guest_cid, muxer)
         .context("vhost-user-vsock backend failed");
+    remove_sockets(&sockets);
+    info!("vhost-user front end disconnected; exiting");
+    res
+}
+
+fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
+    let mut cfg = FsConfig::new(&args.shared_dir, &args.tag);
+    cfg.cache = args.cache;
+    cfg.xattr = args.xattr;
+    // Argument errors first, before anything is bound or changed in the process.
+    husk_vmm::devices::virtio::fs::validate_tag(&args.tag).context("--tag")?;
+    let shared_dir = cfg
+        .validate()
+        .with_context(|| format!("--shared-dir {}", args.shared_dir.display()))?;
+    let max_open_files = limit_open_files(args.max_open_files)
+        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
+    let sockets = vec![args.socket.clone()];
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
+
+    // Bind before the device exists: setting up the passthrough file system clears the
+    // process umask, and the socket should get the caller's.
+    let listener = bind_unix_listener(&args.socket)
+        .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
+    let device = match FsDevice::new(cfg)
+        .with_context(|| format!("--shared-dir {}", args.shared_dir.display()))
+    {
+        Ok(device) => device,
+        Err(e) => {
+            remove_sockets(&sockets);
+            return Err(e);
+        }
+    };
+    info!(
+        socket = %args.socket.display(),
+        shared_dir = %shared_dir.display(),
+        tag = %args.tag,
+        cache = %args.cache,
+        xattr = args.xattr,
+        max_open_files,
+        "vhost-user-fs backend listening"
+    );
+
+    let res = serve_fs(listener.into(), device).context("vhost-user-fs backend failed");
     remove_sockets(&sockets);
     info!("vhost-user front end disconnected; exiting");
     res

@@ -1,3 +1,5 @@
 //! Device models.
 
+pub mod bus;
+pub mod legacy;
 pub mod virtio;

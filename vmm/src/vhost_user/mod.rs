@@ -2,6 +2,8 @@
 //!
 //! QEMU is the vhost-user front end (it connects); we listen and serve exactly one connection.
 
+pub mod fs;
 pub mod vsock;
 
+pub use self::fs::{serve_fs, VhostUserFsBackend, VhostUserFsError};
 pub use self::vsock::{serve_vsock, VhostUserVsockBackend, VhostUserVsockError};

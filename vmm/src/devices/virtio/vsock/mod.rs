@@ -30,6 +30,7 @@ pub mod defs;
 pub mod device;
 pub mod packet;
 pub mod unix;
+pub mod virtio;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

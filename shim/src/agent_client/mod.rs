@@ -1,4 +1,9 @@
 //! ttrpc client for husk-agent's API, reached over the VM's hybrid vsock.
+//! The guest side of the pod ([`containers`]: the container calls).
+
+mod containers;
+
+pub use containers::ExitStatus;
 
 use std::{path::Path, time::Duration};
 
@@ -11,11 +16,34 @@ use crate::hybrid_vsock::{self, HybridVsockError};
 pub enum AgentError {
     #[error(transparent)]
     Connect(#[from] HybridVsockError),
-    #[error("agent call {call} failed: {source}")]
+    #[error("agent call {call} failed: {}", describe(source))]
     Rpc {
         call: &'static str,
         source: ttrpc::Error,
     },
+}
+
+impl AgentError {
+    /// The ttrpc status code the agent answered with, if it answered.
+    pub fn code(&self) -> Option<ttrpc::Code> {
+        match self {
+            AgentError::Rpc {
+                source: ttrpc::Error::RpcStatus(s),
+                ..
+            } => s.code.enum_value().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The agent's own message for status errors, rather than ttrpc's debug dump.
+fn describe(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            format!("{:?}: {}", s.code.enum_value_or_default(), s.message)
+        }
+        other => other.to_string(),
+    }
 }
 
 /// A connection to the agent. Each call carries its own deadline, so a hung
@@ -38,7 +66,13 @@ impl AgentClient {
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
-        ttrpc::context::with_timeout(self.call_timeout.as_nanos().min(i64::MAX as u128) as i64)
+        self.ctx_with_extra(Duration::ZERO)
+    }
+
+    /// A deadline for calls that may wait in the agent (long polls).
+    fn ctx_with_extra(&self, extra: Duration) -> ttrpc::context::Context {
+        let t = self.call_timeout + extra;
+        ttrpc::context::with_timeout(t.as_nanos().min(i64::MAX as u128) as i64)
     }
 
     pub async fn health(&self) -> Result<agent::HealthResponse, AgentError> {

@@ -1,0 +1,101 @@
+//! `husk-vmm run`: boot a microVM on KVM.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tracing::{error, info};
+
+use husk_vmm::builder::{boot_timer_now, BootSource, VmConfig, VmExit, Vmm, VsockConfig};
+
+/// The command line husk's guest needs: the console on COM1, reboot by triple fault (how the
+/// VMM learns the guest is done: there is no ACPI), and reboot right away on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel: an ELF vmlinux (PVH entry used when present) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line; virtio_mmio.device= entries are appended for each device.
+    #[arg(long, value_name = "CMDLINE", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    memory: u64,
+    /// Hybrid vsock socket: host clients connect here and send "CONNECT <port>\n"; guest
+    /// connections to host port P go to "<PATH>_P". Without it the VM has no vsock device.
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long, value_name = "CID", default_value_t = 3)]
+    guest_cid: u64,
+    /// Control API socket (line-based JSON: state, pause, resume, shutdown).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// File the guest console (COM1) is appended to.
+    #[arg(long, value_name = "PATH")]
+    console_log: Option<PathBuf>,
+    /// Leave out the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Print "husk-vmm: boot-timer: ..." lines to stderr when vCPU 0 first enters the guest,
+    /// timed from $HUSK_BOOT_T0_NS (CLOCK_MONOTONIC ns) if set, else from process start.
+    #[arg(long)]
+    boot_timer: bool,
+}
+
+/// Runs the VM; `Ok` when it ended cleanly (guest reset/power-off, API shutdown, signal).
+pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
+    let t0 = match std::env::var("HUSK_BOOT_T0_NS") {
+        Ok(v) => v
+            .parse::<u64>()
+            .with_context(|| format!("HUSK_BOOT_T0_NS={v:?}: not a number"))?,
+        Err(_) => t0_ns,
+    };
+    let mut cfg = VmConfig::new(BootSource::Linux {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+    });
+    cfg.vcpus = args.vcpus;
+    cfg.memory_mib = args.memory;
+    cfg.console_log = args.console_log;
+    cfg.vsock = args.vsock_uds.map(|uds| VsockConfig {
+        guest_cid: args.guest_cid,
+        uds,
+    });
+    cfg.rng = !args.no_rng;
+    cfg.api_sock = args.api_sock;
+    cfg.seccomp = !args.no_seccomp;
+    cfg.handle_signals = true;
+    cfg.boot_timer_t0_ns = args.boot_timer.then_some(t0);
+
+    let mut vmm = Vmm::build(cfg).context("cannot build the VM")?;
+    info!(cmdline = vmm.cmdline(), "starting the guest");
+    match vmm.run().context("VM run failed")? {
+        exit if exit.is_clean() => {
+            info!(reason = %exit, "VM ended");
+            Ok(())
+        }
+        VmExit::Error(e) => {
+            error!(error = %e, "VM failed");
+            bail!("VM failed: {e}")
+        }
+        other => bail!("VM ended: {other}"),
+    }
+}
+
+/// The process's start time for the boot timer.
+pub fn now_ns() -> u64 {
+    boot_timer_now()
+}
