@@ -22,13 +22,15 @@ setup:
 kernel:
 	bash kernel-config/build.sh $(GUEST_DIR)
 
-# The agent is /init in an initrd with no libc: link it statically.
+# The agent is /init in an initrd with no libc: link it (and libseccomp) statically.
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	  RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
 
 initrd: agent
 	mkdir -p $(GUEST_DIR)
-	$(CARGO) run --release -q -p husk-images --bin husk-mkinitrd -- --agent $(AGENT_BIN) --out $(GUEST_DIR)/initrd.img
+	strip -o $(GUEST_DIR)/husk-agent $(AGENT_BIN)
+	$(CARGO) run --release -q -p husk-images --bin husk-mkinitrd -- --agent $(GUEST_DIR)/husk-agent --out $(GUEST_DIR)/initrd.img
 
 guest: kernel initrd
 

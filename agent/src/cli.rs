@@ -11,12 +11,14 @@ use husk_protocol::AGENT_VSOCK_PORT;
 use thiserror::Error;
 
 pub const USAGE: &str = "\
-usage: husk-agent [--listen ADDR]
+usage: husk-agent [--listen ADDR] [--state-dir DIR]
 
 Runs as the guest's /init (PID 1) and serves the husk agent API over ttrpc.
 
-  --listen ADDR   where to serve: vsock://CID:PORT (CID may be -1 or 'any')
-                  or unix:///path/to/socket [default: vsock://-1:1024]
+  --listen ADDR     where to serve: vsock://CID:PORT (CID may be -1 or 'any')
+                    or unix:///path/to/socket [default: vsock://-1:1024]
+  --state-dir DIR   container state, bundles, console sockets
+                    [default: /run/husk; always /run/husk as /init]
   -h, --help      print this help
   -V, --version   print the version
 ";
@@ -111,6 +113,8 @@ pub enum Command {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     pub listen: ListenAddr,
+    /// Where the container runtime keeps its state (ordinary process only).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Parses arguments for an ordinary process: anything unknown is an error.
@@ -126,10 +130,19 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, CliErr
                 let value = args.next().ok_or(CliError::MissingValue("--listen"))?;
                 options.listen = into_string(value)?.parse()?;
             }
-            _ => match arg.strip_prefix("--listen=") {
-                Some(value) => options.listen = value.parse()?,
-                None => return Err(CliError::Unknown(arg)),
-            },
+            "--state-dir" => {
+                let value = args.next().ok_or(CliError::MissingValue("--state-dir"))?;
+                options.state_dir = Some(PathBuf::from(value));
+            }
+            _ => {
+                if let Some(value) = arg.strip_prefix("--listen=") {
+                    options.listen = value.parse()?;
+                } else if let Some(value) = arg.strip_prefix("--state-dir=") {
+                    options.state_dir = Some(PathBuf::from(value));
+                } else {
+                    return Err(CliError::Unknown(arg));
+                }
+            }
         }
     }
     Ok(Command::Run(options))
@@ -196,7 +209,8 @@ mod tests {
             assert_eq!(
                 parse(a).unwrap(),
                 Command::Run(Options {
-                    listen: ListenAddr::Unix("/tmp/a.sock".into())
+                    listen: ListenAddr::Unix("/tmp/a.sock".into()),
+                    state_dir: None,
                 })
             );
         }
@@ -207,6 +221,20 @@ mod tests {
         assert_eq!(
             "vsock://any:1024".parse::<ListenAddr>().unwrap(),
             ListenAddr::default()
+        );
+    }
+
+    #[test]
+    fn state_dir_forms() {
+        for a in [args(&["--state-dir", "/s"]), args(&["--state-dir=/s"])] {
+            let Command::Run(o) = parse(a).unwrap() else {
+                panic!("expected Run");
+            };
+            assert_eq!(o.state_dir, Some(PathBuf::from("/s")));
+        }
+        assert_eq!(
+            parse(args(&["--state-dir"])).unwrap_err(),
+            CliError::MissingValue("--state-dir")
         );
     }
 

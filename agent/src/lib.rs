@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod clock;
 pub mod cmdline;
+pub mod container;
 pub mod guest_info;
 pub mod init;
 pub mod log_stream;
@@ -12,3 +13,4 @@ pub mod power;
 pub mod reaper;
 pub mod rpc;
 pub mod shutdown;
+pub mod switch_root;

@@ -9,8 +9,9 @@
 //!   started them ([`reaper`]); and ending the VM, never exiting, when told to
 //!   or when something goes fatally wrong ([`power`]).
 //! - **The agent API**: a ttrpc server on vsock port 1024 that the shim on the
-//!   host drives ([`rpc`]); today health, version, guest details and
-//!   shutdown, next the container lifecycle, stdio, stats and networking.
+//!   host drives ([`rpc`]): health, version, guest details, shutdown, and
+//!   the container runtime ([`container`]: sandbox set-up, container
+//!   lifecycle, stdio, stats, resources, OOM events); next networking.
 //! - **Boot timing**: CLOCK_BOOTTIME stamps of /init starting and the listener
 //!   being ready ([`clock`]), reported over the API and on the console.
 //!
@@ -23,6 +24,11 @@
 //! [`power`]: husk_agent::power
 //! [`rpc`]: husk_agent::rpc
 //! [`clock`]: husk_agent::clock
+//! [`container`]: husk_agent::container
+//!
+//! The same binary also serves as the container runtime's short-lived
+//! helper process (`husk-agent __husk-runtime ...`, see
+//! `husk_agent::container::helper`).
 
 use std::{ffi::OsString, io::Write as _, process::ExitCode, time::Duration};
 
@@ -31,9 +37,11 @@ use husk_agent::{
     cli::{self, Command},
     clock,
     cmdline::{self, KernelCmdline},
+    container::{helper, Runtime, RuntimeConfig},
     init, log_stream, logging, power,
     reaper::Reaper,
     rpc::{self, Mode, ServeOptions},
+    switch_root,
 };
 
 /// How long tasks get to finish once the server has stopped.
@@ -43,8 +51,21 @@ fn main() -> ExitCode {
     // Before anything else, so the stamp is the moment the kernel handed over.
     let init_started_ns = clock::boottime_ns();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if args.first().is_some_and(|a| a == helper::HELPER_ARG) {
+        return helper::main(&args);
+    }
     if nix::unistd::getpid().as_raw() == 1 {
-        run_as_init(init_started_ns, args)
+        // First run on the initramfs: move to a tmpfs root and re-exec (see
+        // switch_root). The re-executed agent keeps the first boot stamp.
+        let Some(started) = switch_root::inherited_start() else {
+            let err = switch_root::leave_initramfs(init_started_ns, &args);
+            // Still on the initramfs: the API works, containers cannot
+            // pivot_root. Say so loudly and carry on.
+            let _ = writeln!(std::io::stderr(), "husk-agent: {err}");
+            run_as_init(init_started_ns, args)
+        };
+        std::env::remove_var(switch_root::STARTED_ENV);
+        run_as_init(started, args)
     }
     run_as_process(init_started_ns, args)
 }
@@ -148,13 +169,22 @@ fn run(options: cli::Options, init_started_ns: u64, mode: Mode) -> Result<rpc::S
         .build()
         .context("building the tokio runtime")?;
     let result = runtime.block_on(async {
-        // Held for the agent's lifetime; the container runner will take a
-        // clone to start its processes through.
-        let _reaper = Reaper::start().context("starting the child reaper")?;
+        // Held for the agent's lifetime; the container runtime starts its
+        // processes through it.
+        let reaper = Reaper::start().context("starting the child reaper")?;
+        let mut config = RuntimeConfig::guest();
+        if mode == Mode::Process {
+            config.guest = false;
+            if let Some(dir) = options.state_dir {
+                config.state_dir = dir;
+            }
+        }
+        let runtime = Runtime::new(config, reaper);
         rpc::serve(ServeOptions {
             listen: options.listen,
             init_started_ns,
             mode,
+            runtime,
         })
         .await
     });

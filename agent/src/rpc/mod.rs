@@ -14,6 +14,7 @@ pub use self::service::Service;
 use crate::{
     cli::ListenAddr,
     clock::{self, BootStamps},
+    container::Runtime,
     shutdown,
 };
 
@@ -36,6 +37,8 @@ pub struct ServeOptions {
     pub listen: ListenAddr,
     pub init_started_ns: u64,
     pub mode: Mode,
+    /// The container runtime the container calls go to.
+    pub runtime: Arc<Runtime>,
 }
 
 /// What made [`serve`] return.
@@ -61,7 +64,7 @@ pub async fn serve(opts: ServeOptions) -> Result<Stopped> {
         agent_ready_ns: clock::boottime_ns(),
     };
 
-    let service = Service::new(stamps, requester);
+    let service = Service::new(stamps, requester, opts.runtime.clone());
     let mut server = Server::new()
         .add_listener(listener)
         .register_service(create_agent_service(Arc::new(service)));

@@ -1,0 +1,489 @@
+//! OCI containers inside a real pod VM (QEMU + husk's kernel, initrd and
+//! agent; the rootfs reaches the guest over husk-vmm's virtio-fs), checked for
+//! the behaviour runc gives on a host: output, exit codes, signals, exec,
+//! stdin, tty, users, mounts, capabilities, seccomp, cgroup limits.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use husk_shim::{
+    agent_client::{AgentClient, ExitStatus},
+    hypervisor::{PodVm, Share, ShutdownOutcome},
+};
+use husk_tests::{init_tracing, oci_spec, rootfs::build_busybox_rootfs, vm_spec};
+use serde_json::{json, Value};
+
+const SHARE_TAG: &str = "husk";
+const SHARE_IN_GUEST: &str = "/run/husk/shared";
+
+struct Pod {
+    vm: Option<PodVm>,
+    agent: AgentClient,
+    shared: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+struct Output {
+    stdout: String,
+    stderr: String,
+    status: ExitStatus,
+}
+
+impl Pod {
+    async fn boot(name: &str) -> Pod {
+        init_tracing();
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let mut spec = vm_spec(name, tmp.path()).unwrap();
+        spec.memory_mib = 512;
+        // HUSK_GUEST_LOG=debug turns up the agent's log for a failing test.
+        if let Ok(level) = std::env::var("HUSK_GUEST_LOG") {
+            spec.extra_cmdline = format!("husk.log={level}");
+        }
+        spec.share = Some(Share {
+            dir: shared.clone(),
+            tag: SHARE_TAG.into(),
+        });
+        let vm = PodVm::launch(spec).await.expect("pod VM boots");
+        let agent = vm.agent().unwrap().clone();
+        agent
+            .create_sandbox(name, "nameserver 192.0.2.53\n", SHARE_TAG, SHARE_IN_GUEST)
+            .await
+            .expect("sandbox set-up");
+        Pod {
+            vm: Some(vm),
+            agent,
+            shared,
+            _tmp: tmp,
+        }
+    }
+
+    /// Puts a fresh busybox rootfs at `<share>/<id>/rootfs`.
+    fn rootfs(&self, id: &str) -> PathBuf {
+        build_busybox_rootfs(&self.shared.join(id).join("rootfs")).unwrap()
+    }
+
+    async fn create(
+        &self,
+        id: &str,
+        spec: &Value,
+        terminal: bool,
+    ) -> Result<u32, husk_shim::agent_client::AgentError> {
+        self.rootfs(id);
+        let bytes = serde_json::to_vec(spec).unwrap();
+        self.agent
+            .create_container(id, &bytes, &format!("{id}/rootfs"), terminal)
+            .await
+    }
+
+    /// Runs a container to completion and removes it.
+    async fn run(&self, id: &str, spec: &Value) -> Output {
+        if let Err(e) = self.create(id, spec, false).await {
+            panic!("creating container {id}: {e}");
+        }
+        if let Err(e) = self.agent.start_container(id).await {
+            panic!("starting container {id}: {e}");
+        }
+        let out = self.collect(id, "").await;
+        self.agent
+            .remove_container(id, false)
+            .await
+            .expect("remove");
+        out
+    }
+
+    /// Reads stdout and stderr to EOF, then waits for the exit status.
+    async fn collect(&self, id: &str, exec_id: &str) -> Output {
+        let (stdout, stderr) = tokio::join!(
+            drain(&self.agent, id, exec_id, false),
+            drain(&self.agent, id, exec_id, true)
+        );
+        let status = tokio::time::timeout(
+            Duration::from_secs(60),
+            self.agent.wait_process(id, exec_id),
+        )
+        .await
+        .expect("process ends within 60 s")
+        .expect("wait");
+        Output {
+            stdout,
+            stderr,
+            status,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let vm = self.vm.take().expect("VM still running");
+        assert_eq!(
+            vm.shutdown(Duration::from_secs(20)).await,
+            ShutdownOutcome::Clean
+        );
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        // A failing test shows what the guest said: the agent's log stream
+        // and the serial console.
+        if let (true, Some(vm)) = (std::thread::panicking(), &self.vm) {
+            let agent = std::fs::read_to_string(vm.agent_log_path()).unwrap_or_default();
+            let console = std::fs::read_to_string(vm.console_log_path()).unwrap_or_default();
+            eprintln!("---- agent log ----\n{agent}\n---- console ----\n{console}");
+        }
+    }
+}
+
+async fn drain(agent: &AgentClient, id: &str, exec_id: &str, stderr: bool) -> String {
+    let mut all = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream of {id}/{exec_id} did not end"
+        );
+        let chunk = if stderr {
+            agent.read_stderr(id, exec_id, Duration::from_secs(1)).await
+        } else {
+            agent.read_stdout(id, exec_id, Duration::from_secs(1)).await
+        };
+        match chunk.expect("read stream") {
+            Some(data) => all.extend_from_slice(&data),
+            None => return String::from_utf8_lossy(&all).into_owned(),
+        }
+    }
+}
+
+fn sh(script: &str) -> Value {
+    oci_spec::default_spec(&["sh", "-c", script])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_behave_as_under_runc() {
+    let pod = Pod::boot("procs").await;
+
+    let out = pod.run("echo", &sh("echo out; echo err >&2; exit 7")).await;
+    assert_eq!(out.stdout, "out\n");
+    assert_eq!(out.stderr, "err\n");
+    assert_eq!(out.status, ExitStatus { code: 7, signal: 0 });
+
+    let mut spec = sh("echo $FOO $(pwd)");
+    spec["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("FOO=bar"));
+    spec["process"]["cwd"] = json!("/tmp");
+    assert_eq!(pod.run("envcwd", &spec).await.stdout, "bar /tmp\n");
+
+    let mut spec = oci_spec::default_spec(&["id"]);
+    spec["process"]["user"] = json!({ "uid": 1000, "gid": 1000, "additionalGids": [2000] });
+    let id = pod.run("user", &spec).await.stdout;
+    assert!(
+        id.contains("uid=1000(husk)")
+            && id.contains("gid=1000(husk)")
+            && id.contains("2000(extra)"),
+        "{id}"
+    );
+
+    let mut spec = oci_spec::default_spec(&["hostname"]);
+    spec["hostname"] = json!("pod-a");
+    assert_eq!(pod.run("host", &spec).await.stdout, "pod-a\n");
+
+    // SIGTERM reaches a handler; SIGKILL cannot be caught.
+    pod.create(
+        "term",
+        &sh("trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.1; done"),
+        false,
+    )
+    .await
+    .unwrap();
+    pod.agent.start_container("term").await.unwrap();
+    let first = pod
+        .agent
+        .read_stdout("term", "", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(String::from_utf8_lossy(&first).contains("ready"));
+    pod.agent
+        .signal_process("term", "", 15, false)
+        .await
+        .unwrap();
+    let out = pod.collect("term", "").await;
+    assert!(out.stdout.contains("got TERM"), "{}", out.stdout);
+    assert_eq!(out.status.code, 42);
+    pod.agent.remove_container("term", false).await.unwrap();
+
+    pod.create(
+        "sleeper",
+        &oci_spec::default_spec(&["sleep", "1000"]),
+        false,
+    )
+    .await
+    .unwrap();
+    pod.agent.start_container("sleeper").await.unwrap();
+
+    // exec into the running container, with its own stdio and exit code.
+    let p =
+        serde_json::to_vec(&oci_spec::process(&["sh", "-c", "echo from-exec; exit 3"])).unwrap();
+    pod.agent
+        .exec_process("sleeper", "e1", &p, false)
+        .await
+        .unwrap();
+    let out = pod.collect("sleeper", "e1").await;
+    assert_eq!(out.stdout, "from-exec\n");
+    assert_eq!(out.status.code, 3);
+    pod.agent.remove_process("sleeper", "e1").await.unwrap();
+
+    // Death by signal. (Not the container's init: PID 1 of a PID namespace
+    // ignores signals it has no handler for, under runc too.)
+    let p = serde_json::to_vec(&oci_spec::process(&["sh", "-c", "kill -KILL $$"])).unwrap();
+    pod.agent
+        .exec_process("sleeper", "selfkill", &p, false)
+        .await
+        .unwrap();
+    let out = pod.collect("sleeper", "selfkill").await;
+    assert_eq!(
+        out.status,
+        ExitStatus {
+            code: 137,
+            signal: 9
+        }
+    );
+
+    // stdin to an exec'ed cat, then EOF.
+    let p = serde_json::to_vec(&oci_spec::process(&["cat"])).unwrap();
+    pod.agent
+        .exec_process("sleeper", "cat", &p, false)
+        .await
+        .unwrap();
+    pod.agent
+        .write_stdin("sleeper", "cat", b"hello stdin\n")
+        .await
+        .unwrap();
+    pod.agent.close_stdin("sleeper", "cat").await.unwrap();
+    let out = pod.collect("sleeper", "cat").await;
+    assert_eq!(out.stdout, "hello stdin\n");
+    assert_eq!(out.status.code, 0);
+
+    pod.agent
+        .signal_process("sleeper", "", 9, false)
+        .await
+        .unwrap();
+    let out = pod.collect("sleeper", "").await;
+    assert_eq!(
+        out.status,
+        ExitStatus {
+            code: 137,
+            signal: 9
+        }
+    );
+    pod.agent.remove_container("sleeper", false).await.unwrap();
+    pod.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_mounts_capabilities_and_seccomp() {
+    let pod = Pod::boot("isolation").await;
+
+    let mut spec = sh("touch /newfile");
+    spec["root"]["readonly"] = json!(true);
+    let out = pod.run("rofs", &spec).await;
+    assert_ne!(out.status.code, 0);
+    assert!(
+        out.stderr.contains("Read-only file system"),
+        "{}",
+        out.stderr
+    );
+
+    // A tmpfs and a read-only bind mount of a directory from the pod share.
+    let data = pod.shared.join("bind-src");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("hello"), "from the host\n").unwrap();
+    let mut spec = sh(
+        "echo scratch > /scratch/f && cat /scratch/f /data/hello && ! touch /data/x 2>/dev/null",
+    );
+    let mounts = spec["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({ "destination": "/scratch", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "size=1m"] }));
+    mounts.push(json!({ "destination": "/data", "type": "bind", "source": format!("{SHARE_IN_GUEST}/bind-src"), "options": ["rbind", "ro"] }));
+    let out = pod.run("mounts", &spec).await;
+    assert_eq!(
+        out.stdout, "scratch\nfrom the host\n",
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(out.status.code, 0);
+
+    // CAP_NET_ADMIN is not in the default set.
+    let out = pod.run("caps", &sh("ip link set lo mtu 1400")).await;
+    assert_ne!(out.status.code, 0);
+    assert!(out.stderr.contains("not permitted"), "{}", out.stderr);
+
+    // A seccomp profile that denies mkdir must be enforced, not ignored.
+    let mut spec = sh("mkdir /tmp/denied");
+    spec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 }]
+    });
+    let out = pod.run("seccomp", &spec).await;
+    assert_ne!(out.status.code, 0);
+    assert!(out.stderr.contains("not permitted"), "{}", out.stderr);
+    pod.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_limits_stats_updates_and_freezing() {
+    let pod = Pod::boot("cgroups").await;
+
+    // A memory limit that the container exceeds: OOM kill and OOM event.
+    let mut spec = sh("x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done");
+    spec["linux"]["resources"]["memory"] =
+        json!({ "limit": 32 * 1024 * 1024, "swap": 32 * 1024 * 1024 });
+    pod.create("oom", &spec, false).await.unwrap();
+    pod.agent.start_container("oom").await.unwrap();
+    let event = pod.agent.oom_event(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(event.as_deref(), Some("oom"));
+    let out = pod.collect("oom", "").await;
+    assert_eq!(out.status.signal, 9, "OOM-killed: {:?}", out.status);
+    let stats = pod.agent.stats("oom").await.unwrap();
+    assert!(stats.memory.oom_kill_count >= 1, "{stats:?}");
+    pod.agent.remove_container("oom", false).await.unwrap();
+
+    // A ticking container: stats, process list, update, pause and resume.
+    pod.create(
+        "tick",
+        &sh("while true; do echo tick; sleep 0.1; done"),
+        false,
+    )
+    .await
+    .unwrap();
+    let init_pid = {
+        pod.agent.start_container("tick").await.unwrap();
+        let pids = pod.agent.list_processes("tick").await.unwrap();
+        assert!(!pids.is_empty(), "processes of a running container");
+        pids[0]
+    };
+    assert!(init_pid > 0);
+    let stats = pod.agent.stats("tick").await.unwrap();
+    assert!(
+        stats.memory.usage_bytes > 0 && stats.pids.current >= 1,
+        "{stats:?}"
+    );
+
+    let resources = serde_json::to_vec(
+        &json!({ "memory": { "limit": 64 * 1024 * 1024 }, "pids": { "limit": 50 } }),
+    )
+    .unwrap();
+    pod.agent
+        .update_container("tick", &resources)
+        .await
+        .unwrap();
+    let stats = pod.agent.stats("tick").await.unwrap();
+    assert_eq!(stats.memory.limit_bytes, 64 * 1024 * 1024);
+    assert_eq!(stats.pids.limit, 50);
+
+    pod.agent.pause_container("tick").await.unwrap();
+    // Drain what was written before the freeze, then expect silence.
+    while let Some(d) = pod
+        .agent
+        .read_stdout("tick", "", Duration::from_millis(300))
+        .await
+        .unwrap()
+    {
+        if d.is_empty() {
+            break;
+        }
+    }
+    let quiet = pod
+        .agent
+        .read_stdout("tick", "", Duration::from_millis(800))
+        .await
+        .unwrap();
+    assert_eq!(
+        quiet.as_deref(),
+        Some(&b""[..]),
+        "a frozen container printed"
+    );
+    pod.agent.resume_container("tick").await.unwrap();
+    let more = pod
+        .agent
+        .read_stdout("tick", "", Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&more).contains("tick"),
+        "resumed container is silent"
+    );
+
+    pod.agent.signal_process("tick", "", 9, true).await.unwrap();
+    pod.collect("tick", "").await;
+    pod.agent.remove_container("tick", false).await.unwrap();
+    pod.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_containers_tty_removal_and_bad_specs() {
+    let pod = Pod::boot("lifecycle").await;
+
+    pod.create("a", &sh("sleep 1000"), false).await.unwrap();
+    pod.create("b", &sh("sleep 1000"), false).await.unwrap();
+    pod.agent.start_container("a").await.unwrap();
+    pod.agent.start_container("b").await.unwrap();
+    let pa = pod.agent.list_processes("a").await.unwrap();
+    let pb = pod.agent.list_processes("b").await.unwrap();
+    assert!(
+        !pa.is_empty() && !pb.is_empty() && pa != pb,
+        "{pa:?} {pb:?}"
+    );
+    for id in ["a", "b"] {
+        pod.agent.signal_process(id, "", 9, true).await.unwrap();
+        pod.collect(id, "").await;
+        pod.agent.remove_container(id, false).await.unwrap();
+        let gone = pod.agent.list_processes(id).await.unwrap_err();
+        assert_eq!(gone.code(), Some(ttrpc::Code::NOT_FOUND), "{gone}");
+        // Nothing in the guest still holds the rootfs: the host can delete it.
+        std::fs::remove_dir_all(pod.shared.join(id)).unwrap();
+    }
+    // The same id can be used again: the removal left nothing behind.
+    assert_eq!(pod.run("a", &sh("echo again")).await.stdout, "again\n");
+
+    // A tty with a window size set before the process looks at it.
+    let mut spec = sh("stty size");
+    spec["process"]["terminal"] = json!(true);
+    pod.create("tty", &spec, true).await.unwrap();
+    pod.agent.tty_resize("tty", "", 40, 100).await.unwrap();
+    pod.agent.start_container("tty").await.unwrap();
+    let out = pod.collect("tty", "").await;
+    assert_eq!(out.stdout.trim(), "40 100");
+    pod.agent.remove_container("tty", false).await.unwrap();
+
+    // Malformed specs: a clear error, and the VM keeps serving.
+    for (id, bad) in [
+        ("bad1", &b"{\"ociVersion\": "[..]),
+        ("bad2", &b"{\"ociVersion\":\"1.0.2\"}"[..]),
+    ] {
+        pod.rootfs(id);
+        let err = pod
+            .agent
+            .create_container(id, bad, &format!("{id}/rootfs"), false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(ttrpc::Code::INVALID_ARGUMENT), "{err}");
+    }
+    let err = pod
+        .agent
+        .start_container("never-created")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ttrpc::Code::NOT_FOUND), "{err}");
+    assert_eq!(
+        pod.run("after", &sh("echo still fine")).await.stdout,
+        "still fine\n"
+    );
+    let _ = Path::new(SHARE_IN_GUEST);
+    pod.shutdown().await;
+}
