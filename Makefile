@@ -3,8 +3,11 @@
 #   make guest   guest kernel (cached outside the checkout) + agent initrd -> target/guest/
 #   make build   host binaries (husk-vmm, containerd-shim-husk-v2)
 #   make test    everything above, then every unit and end-to-end test
-#   make bench   pod VM start-up and memory numbers, `name: value unit`
+#   make bench   pod VM start-up and memory numbers, `name: value unit`, then
+#                bench-shim: ctr run --rm echo with husk vs runc, and husk's split
 #   make lint    rustfmt and clippy, as CI runs them
+#   make demo    setup, guest, build, then a busybox container through a private
+#                containerd in a husk microVM, printing the guest kernel
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -12,7 +15,7 @@ GUEST_DIR := $(CURDIR)/target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 
-.PHONY: all setup guest kernel agent initrd build test bench lint clean-guest
+.PHONY: all setup guest kernel agent initrd build test bench bench-shim lint demo install clean-guest
 
 all: guest build
 
@@ -36,14 +39,35 @@ guest: kernel initrd
 
 build:
 	$(CARGO) build -p husk-vmm -p husk-shim
+	$(CARGO) build -p husk-tests --bin husk-busybox-image
 
+demo: setup guest build
+	bash scripts/demo.sh
+
+# The shim, husk-vmm and the guest where containerd and the shim's defaults
+# find them (PREFIX/bin on containerd's PATH; PREFIX/share/husk).
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 target/debug/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0755 target/debug/husk-vmm $(PREFIX)/bin/husk-vmm
+	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
+	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
+
+# Two test threads: each end-to-end test boots a VM, and TCG on two cores
+# slows to a crawl with more at once.
 test: guest build
-	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace --no-fail-fast
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: guest
 	$(CARGO) build --release -p husk-vmm
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/release/husk-vmm target/release/husk-bench
+	$(MAKE) bench-shim
+
+# ctr run --rm echo through containerd: husk vs runc, and the split of husk's time.
+bench-shim: guest build
+	$(CARGO) build -p husk-tests --bin husk-shim-bench
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm target/debug/husk-shim-bench
 
 lint:
 	$(CARGO) fmt --all -- --check

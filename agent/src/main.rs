@@ -58,6 +58,9 @@ fn main() -> ExitCode {
         // First run on the initramfs: move to a tmpfs root and re-exec (see
         // switch_root). The re-executed agent keeps the first boot stamp.
         let Some(started) = switch_root::inherited_start() else {
+            if !switch_root::on_initramfs() {
+                run_as_init(init_started_ns, args)
+            }
             let err = switch_root::leave_initramfs(init_started_ns, &args);
             // Still on the initramfs: the API works, containers cannot
             // pivot_root. Say so loudly and carry on.

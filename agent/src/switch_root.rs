@@ -47,6 +47,15 @@ pub fn inherited_start() -> Option<u64> {
     std::env::var(STARTED_ENV).ok()?.parse().ok()
 }
 
+/// Whether `/` is the kernel's initial rootfs (ramfs or tmpfs) holding our
+/// /init; not so when the agent runs as PID 1 of a namespace on a host.
+pub fn on_initramfs() -> bool {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let fs_type = nix::sys::statfs::statfs("/").map(|s| s.filesystem_type().0);
+    matches!(fs_type, Ok(RAMFS_MAGIC) | Ok(TMPFS_MAGIC)) && Path::new("/init").is_file()
+}
+
 /// Moves `/` to a tmpfs holding only the agent and re-executes it; returns
 /// only on failure.
 pub fn leave_initramfs(init_started_ns: u64, args: &[OsString]) -> SwitchRootError {

@@ -312,7 +312,11 @@ async fn runs_containers_through_the_agent() {
         return skip("the host has no cgroup2 hierarchy to mount in the namespace");
     };
     // Not under /tmp or /run: the agent, as PID 1, may mount over those.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // The target directory itself may be under /tmp (a CI checkout).
+    let dir = tempfile::Builder::new()
+        .prefix("husk-agent-containers-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let share = dir.path().join("share");
     for id in ["c1", "c2", "c3"] {
         make_rootfs(&share.join(id).join("rootfs"));

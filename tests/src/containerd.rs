@@ -23,6 +23,12 @@ impl Containerd {
     /// Starts containerd with `extra_config` appended to its config (TOML,
     /// version 2) and waits until it answers.
     pub fn start(extra_config: &str) -> Result<Self> {
+        Self::start_with_env(extra_config, &[])
+    }
+
+    /// As [`Containerd::start`], with extra environment for containerd (and
+    /// so for the shims it starts), e.g. a PATH that finds a runtime's shim.
+    pub fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Result<Self> {
         if which("containerd").is_none() || which("ctr").is_none() {
             bail!("containerd and ctr are not installed (make setup installs Debian's containerd)");
         }
@@ -44,6 +50,7 @@ impl Containerd {
         )?;
         let log = fs::File::create(dir.path().join("containerd.log"))?;
         let child = Command::new("containerd")
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())

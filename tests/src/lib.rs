@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use husk_shim::hypervisor::VmSpec;
 
 pub mod containerd;
+pub mod husk_containerd;
 pub mod oci_image;
 pub mod oci_spec;
 pub mod rootfs;
@@ -72,6 +73,9 @@ pub fn vm_spec(id: &str, state_parent: &Path) -> Result<VmSpec> {
     // TCG boots take a few seconds, but a loaded 2-core CI host running
     // several test VMs at once can stretch that.
     spec.boot_timeout = Duration::from_secs(90);
+    // Container calls run libcontainer under TCG emulation: seconds when
+    // several test VMs share two cores.
+    spec.call_timeout = Duration::from_secs(60);
     Ok(spec)
 }
 

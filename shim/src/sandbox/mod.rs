@@ -1,0 +1,265 @@
+//! The pod: its microVM, its agent connection and its host directory.
+//!
+//! One sandbox per shim. It boots when the pod's first container (the CRI
+//! sandbox container, or a plain `ctr run` container) is created, and goes
+//! down when containerd shuts the shim down after the last container is
+//! deleted. See [`crate::state`] for the directory layout.
+
+mod oom;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    agent_client::AgentClient,
+    config::{Config, HypervisorKind},
+    events::Events,
+    hypervisor::{PodVm, Share, VmSpec},
+    state::{self, ProcessRef, SandboxState},
+};
+
+/// virtio-fs tag of the pod's shared directory.
+pub const SHARE_TAG: &str = "husk";
+/// Where the agent mounts the shared directory in the guest.
+pub const SHARE_IN_GUEST: &str = "/run/husk/shared";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox id {0:?} must be 1-64 characters of [A-Za-z0-9_.-]")]
+    BadId(String),
+    #[error("hypervisor {0:?} (husk-vmm running the whole VM on KVM) is not supported yet on this host: set hypervisor.kind to \"auto\" or \"qemu\" in the husk configuration")]
+    HuskVmmNotWired(HypervisorKind),
+    #[error("{0}")]
+    Config(String),
+    #[error("sandbox {id} is already running (its shim, pid {pid}, is alive)")]
+    AlreadyRunning { id: String, pid: u32 },
+    #[error("sandbox directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the pod VM: {0}")]
+    Launch(#[from] crate::hypervisor::LaunchError),
+    #[error("setting up the sandbox in the guest: {0}")]
+    Agent(#[from] crate::agent_client::AgentError),
+}
+
+/// How long the boot took, for logs and the bench.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    pub vm_ready: Duration,
+    pub sandbox_ready: Duration,
+}
+
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    vm: Option<PodVm>,
+    agent: AgentClient,
+    console_copy: Option<PathBuf>,
+    oom_task: JoinHandle<()>,
+    pub timings: BootTimings,
+}
+
+impl Sandbox {
+    /// Boots the pod VM and sets the sandbox up in the guest.
+    pub async fn boot(
+        id: &str,
+        hostname: &str,
+        config: &Config,
+        events: Events,
+    ) -> Result<Sandbox, SandboxError> {
+        let start = std::time::Instant::now();
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(SandboxError::BadId(id.to_string()));
+        }
+        if config.hypervisor == HypervisorKind::HuskVmm {
+            return Err(SandboxError::HuskVmmNotWired(config.hypervisor));
+        }
+        let dir = state::sandbox_dir(id);
+        // A directory left by a shim that crashed before containerd ran
+        // `delete`: remove it; one whose shim still runs is a conflict.
+        if dir.exists() {
+            match SandboxState::read(&dir) {
+                Ok(s) if s.shim.alive() => {
+                    return Err(SandboxError::AlreadyRunning {
+                        id: id.to_string(),
+                        pid: s.shim.pid,
+                    })
+                }
+                _ => {
+                    state::cleanup_sandbox(id).map_err(|source| SandboxError::Dir {
+                        path: dir.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        let shared = dir.join("shared");
+        fs::create_dir_all(&shared).map_err(|source| SandboxError::Dir {
+            path: shared.clone(),
+            source,
+        })?;
+        // From here on, a failure must not leave the directory behind.
+        let result = Self::launch(id, hostname, config, &dir, &shared, events).await;
+        match result {
+            Ok(mut sb) => {
+                sb.timings.sandbox_ready = start.elapsed();
+                Ok(sb)
+            }
+            Err(e) => {
+                state::unmount_under(&dir);
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(
+        id: &str,
+        hostname: &str,
+        config: &Config,
+        dir: &Path,
+        shared: &Path,
+        events: Events,
+    ) -> Result<Sandbox, SandboxError> {
+        let start = std::time::Instant::now();
+        let mut spec = VmSpec::new(
+            id,
+            config.kernel().map_err(SandboxError::Config)?,
+            config.initrd().map_err(SandboxError::Config)?,
+            dir.join("vm"),
+        );
+        spec.vcpus = config.vcpus;
+        spec.memory_mib = config.memory_mib;
+        spec.accel = config.accel;
+        spec.qemu_binary = config.qemu_binary().map_err(SandboxError::Config)?;
+        spec.vmm_binary = config.vmm_binary().map_err(SandboxError::Config)?;
+        spec.boot_timeout = config.boot_timeout;
+        spec.extra_cmdline = config.kernel_params.clone();
+        spec.share = Some(Share {
+            dir: shared.to_path_buf(),
+            tag: SHARE_TAG.into(),
+        });
+        let vm = PodVm::launch(spec).await?;
+        let vm_ready = start.elapsed();
+        // Record who runs the pod before anything else can fail, so that
+        // `delete` after a crash finds the VM.
+        let st = SandboxState {
+            sandbox_id: id.to_string(),
+            shim: ProcessRef::of(std::process::id()).ok_or_else(|| {
+                SandboxError::Config("cannot read the shim's own /proc entry".into())
+            })?,
+            vm: vm.pids().into_iter().filter_map(ProcessRef::of).collect(),
+        };
+        st.write(dir).map_err(|source| SandboxError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let agent = match vm.agent() {
+            Some(a) => a.clone(),
+            None => vm.connect_agent().await?,
+        };
+        agent
+            .create_sandbox(hostname, "", SHARE_TAG, SHARE_IN_GUEST)
+            .await?;
+        info!(
+            sandbox = id,
+            accel = ?vm.accel(),
+            vm_ready_ms = vm_ready.as_millis() as u64,
+            "sandbox ready"
+        );
+        let oom_task = tokio::spawn(oom::forward(agent.clone(), events));
+        Ok(Sandbox {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            vm: Some(vm),
+            agent,
+            console_copy: config
+                .console_log
+                .as_ref()
+                .map(|p| PathBuf::from(p.to_string_lossy().replace("{id}", id))),
+            oom_task,
+            timings: BootTimings {
+                vm_ready,
+                sandbox_ready: Duration::ZERO,
+            },
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// `<sandbox dir>/shared/<container>/rootfs` on the host.
+    pub fn rootfs_dir(&self, container_id: &str) -> PathBuf {
+        self.dir.join("shared").join(container_id).join("rootfs")
+    }
+
+    /// QEMU's pid: the host process that stands for the pod's tasks.
+    pub fn vm_pid(&self) -> u32 {
+        self.vm
+            .as_ref()
+            .and_then(|vm| vm.pids().first().copied())
+            .unwrap_or(0)
+    }
+
+    /// Powers the VM off (killing it after `grace`), then removes the
+    /// sandbox directory and everything mounted under it.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.oom_task.abort();
+        if let Some(vm) = self.vm.take() {
+            self.copy_console(&vm);
+            let outcome = vm.shutdown(grace).await;
+            info!(sandbox = %self.id, ?outcome, "pod VM down");
+        }
+        state::unmount_under(&self.dir);
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
+        }
+    }
+
+    fn copy_console(&self, vm: &PodVm) {
+        let Some(dest) = &self.console_copy else {
+            return;
+        };
+        if let Some(parent) = dest.parent() {
+            let _ = fs::create_dir_all(parent);
+        }
+        let mut text = fs::read(vm.console_log_path()).unwrap_or_default();
+        if let Ok(agent_log) = fs::read(vm.agent_log_path()) {
+            text.extend_from_slice(b"\n--- agent log ---\n");
+            text.extend_from_slice(&agent_log);
+        }
+        if let Err(e) = fs::write(dest, text) {
+            warn!(sandbox = %self.id, "writing console log {}: {e}", dest.display());
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.oom_task.abort();
+        if self.vm.is_some() {
+            // Dropping the PodVm kills the VM; the directory goes too.
+            self.vm = None;
+            state::unmount_under(&self.dir);
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Creating and deleting a container of the pod: the bundle, the VM (booted by
+//! the pod's first container), the rootfs mount, the agent's container and
+//! the init process's stdio. Each step is undone if a later one fails.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use containerd_shim_protos::{
+    api::CreateTaskRequest,
+    events::task::{TaskCreate, TaskIO},
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{
+    errors::{agent as agent_err, internal, invalid, precondition, status, Result},
+    process::{Exit, Process},
+    stdio, Inner, Pod,
+};
+use crate::{
+    bundle::{Bundle, PodRole},
+    config::Config,
+    io::ProcessIo,
+    mount::{self, RootfsMount},
+    options,
+    sandbox::Sandbox,
+};
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// `<sandbox>/shared/<id>/rootfs` on the host.
+    pub rootfs: PathBuf,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+    pub paused: bool,
+}
+
+/// Container ids as the agent accepts them.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c))
+}
+
+pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Result<u32> {
+    if !valid_id(&req.id) {
+        return Err(invalid(format!(
+            "container id {:?} must be 1-128 characters of [A-Za-z0-9_.+-]",
+            req.id
+        )));
+    }
+    if !req.checkpoint.is_empty() {
+        return Err(status(
+            ttrpc::Code::UNIMPLEMENTED,
+            "restoring from a checkpoint is not supported by husk",
+        ));
+    }
+    if pod.containers.contains_key(&req.id) {
+        return Err(status(
+            ttrpc::Code::ALREADY_EXISTS,
+            format!("container {} already exists", req.id),
+        ));
+    }
+    let bundle = Bundle::read(req.bundle.as_ref()).map_err(invalid)?;
+    let role = bundle.role(&req.id);
+
+    let booted_here = match (&role, &pod.sandbox) {
+        (PodRole::Sandbox(sb), None) => {
+            let config = Config::load(options::config_path(req.options.as_ref()).as_deref())
+                .map_err(invalid)?;
+            crate::logging::set_level(config.log_level);
+            let hostname = if bundle.hostname.is_empty() {
+                sb.as_str()
+            } else {
+                bundle.hostname.as_str()
+            };
+            let sandbox = Sandbox::boot(sb, hostname, &config, inner.events.clone())
+                .await
+                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e))?;
+            info!(
+                sandbox = sb,
+                ready_ms = sandbox.timings.sandbox_ready.as_millis() as u64,
+                "pod VM booted"
+            );
+            pod.sandbox = Some(sandbox);
+            true
+        }
+        (PodRole::Sandbox(sb), Some(running)) => {
+            return Err(precondition(format!(
+                "this shim runs pod {}; container {} (pod {sb}) is not part of it",
+                running.id(),
+                req.id
+            )))
+        }
+        (PodRole::Member(sb), Some(running)) if running.id() == sb => false,
+        (PodRole::Member(sb), _) => {
+            return Err(precondition(format!(
+                "container {} names sandbox {sb}, which is not running in this shim",
+                req.id
+            )))
+        }
+    };
+
+    let result = create_in_sandbox(pod, inner, req, &bundle).await;
+    match result {
+        Ok(c) => {
+            pod.containers.insert(c.id.clone(), c);
+            Ok(pod.vm_pid())
+        }
+        Err(e) => {
+            if booted_here {
+                if let Some(sb) = pod.sandbox.take() {
+                    sb.shutdown(std::time::Duration::from_secs(2)).await;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn create_in_sandbox(
+    pod: &Pod,
+    inner: &Inner,
+    req: &CreateTaskRequest,
+    bundle: &Bundle,
+) -> Result<Container> {
+    let sandbox = pod.sandbox()?;
+    let agent = sandbox.agent().clone();
+    let rootfs = sandbox.rootfs_dir(&req.id);
+    let mounts: Vec<RootfsMount> = req
+        .rootfs
+        .iter()
+        .map(|m| RootfsMount {
+            kind: m.type_.clone(),
+            source: m.source.clone(),
+            options: m.options.clone(),
+        })
+        .collect();
+    let mounted = if mounts.is_empty() {
+        // A bundle with a prepared rootfs (`ctr run --rootfs`).
+        mount::bind(&bundle.root, &rootfs)
+    } else {
+        mount::mount_rootfs(&mounts, &rootfs)
+    };
+    mounted.map_err(|e| internal(format!("container {} rootfs: {e}", req.id)))?;
+    let undo_mount = || remove_rootfs(&rootfs);
+
+    let guest_pid = match agent
+        .create_container(
+            &req.id,
+            &bundle.spec_json,
+            &format!("{}/rootfs", req.id),
+            req.terminal,
+        )
+        .await
+    {
+        Ok(pid) => pid,
+        Err(e) => {
+            undo_mount();
+            return Err(agent_err(e));
+        }
+    };
+    let spec = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+    let io = match ProcessIo::start(&agent, &req.id, "", &inner.namespace, &spec).await {
+        Ok(io) => io,
+        Err(e) => {
+            let _ = agent.remove_container(&req.id, true).await;
+            undo_mount();
+            return Err(invalid(format!("container {} stdio: {e}", req.id)));
+        }
+    };
+    let mut init = Process::new("", spec, None);
+    init.guest_pid = guest_pid;
+    init.io = Some(Arc::new(Mutex::new(io)));
+    inner
+        .events
+        .send(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid: sandbox.vm_pid(),
+            ..Default::default()
+        })
+        .await;
+    Ok(Container {
+        id: req.id.clone(),
+        bundle: PathBuf::from(&req.bundle),
+        rootfs,
+        init,
+        execs: HashMap::new(),
+        paused: false,
+    })
+}
+
+/// Deletes a stopped (or never started) container: in the guest, then its
+/// rootfs mount. Returns its init's exit.
+pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
+    let c = pod.container(id)?;
+    if c.init.running() {
+        return Err(precondition(format!(
+            "container {id} is still running: kill it first"
+        )));
+    }
+    if let Some(sb) = pod.sandbox.as_ref() {
+        if let Err(e) = sb.agent().remove_container(id, true).await {
+            // The guest may be gone (VM crash); the host side is still ours
+            // to clean.
+            if e.code() != Some(ttrpc::Code::NOT_FOUND) {
+                warn!(container = id, "removing container in the guest: {e}");
+            }
+        }
+    }
+    let Some(c) = pod.containers.remove(id) else {
+        return Err(internal(format!("container {id} vanished during delete")));
+    };
+    if let Some(io) = &c.init.io {
+        // Never started: nothing will finish its stdio otherwise.
+        if !c.init.started {
+            io.lock().await.finish(std::time::Duration::ZERO).await;
+        }
+    }
+    remove_rootfs(&c.rootfs);
+    // Never started: containerd still wants an exit.
+    c.init.set_exit_if_unset(0);
+    Ok(c.init.exit().unwrap_or_else(|| Exit {
+        code: 0,
+        at: crate::events::now(),
+    }))
+}
+
+fn remove_rootfs(rootfs: &std::path::Path) {
+    mount::unmount_all(rootfs);
+    // rootfs, then <share>/<id>.
+    let _ = std::fs::remove_dir(rootfs);
+    if let Some(parent) = rootfs.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_id;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("abc-1.2_3+4"));
+        assert!(!valid_id(""));
+        assert!(!valid_id(".."));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id(&"x".repeat(129)));
+    }
+}
