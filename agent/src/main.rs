@@ -76,6 +76,9 @@ fn main() -> ExitCode {
 /// PID 1: set up the guest, serve, then end the VM; never returns.
 fn run_as_init(init_started_ns: u64, args: Vec<OsString>) -> ! {
     power::install_panic_hook();
+    // Whatever directory init was started in may be covered by the mounts
+    // below, and runtimes resolve relative paths against it.
+    let _ = std::env::set_current_dir("/");
 
     let early_errors = init::early();
     let cmdline = KernelCmdline::read();
