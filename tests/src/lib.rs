@@ -19,6 +19,7 @@ pub mod containerd;
 pub mod husk_containerd;
 pub mod oci_image;
 pub mod oci_spec;
+pub mod pod;
 pub mod rootfs;
 
 pub fn workspace_root() -> PathBuf {

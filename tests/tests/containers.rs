@@ -3,162 +3,14 @@
 //! the behaviour runc gives on a host: output, exit codes, signals, exec,
 //! stdin, tty, users, mounts, capabilities, seccomp, cgroup limits.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
+use std::time::Duration;
+
+use husk_shim::agent_client::ExitStatus;
+use husk_tests::{
+    oci_spec,
+    pod::{sh, Pod, SHARE_IN_GUEST},
 };
-
-use husk_shim::{
-    agent_client::{AgentClient, ExitStatus},
-    hypervisor::{PodVm, Share, ShutdownOutcome},
-};
-use husk_tests::{init_tracing, oci_spec, rootfs::build_busybox_rootfs, vm_spec};
-use serde_json::{json, Value};
-
-const SHARE_TAG: &str = "husk";
-const SHARE_IN_GUEST: &str = "/run/husk/shared";
-
-struct Pod {
-    vm: Option<PodVm>,
-    agent: AgentClient,
-    shared: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-struct Output {
-    stdout: String,
-    stderr: String,
-    status: ExitStatus,
-}
-
-impl Pod {
-    async fn boot(name: &str) -> Pod {
-        init_tracing();
-        let tmp = tempfile::tempdir().unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        let mut spec = vm_spec(name, tmp.path()).unwrap();
-        spec.memory_mib = 512;
-        // HUSK_GUEST_LOG=debug turns up the agent's log for a failing test.
-        if let Ok(level) = std::env::var("HUSK_GUEST_LOG") {
-            spec.extra_cmdline = format!("husk.log={level}");
-        }
-        spec.share = Some(Share {
-            dir: shared.clone(),
-            tag: SHARE_TAG.into(),
-        });
-        let vm = PodVm::launch(spec).await.expect("pod VM boots");
-        let agent = vm.agent().unwrap().clone();
-        agent
-            .create_sandbox(name, "nameserver 192.0.2.53\n", SHARE_TAG, SHARE_IN_GUEST)
-            .await
-            .expect("sandbox set-up");
-        Pod {
-            vm: Some(vm),
-            agent,
-            shared,
-            _tmp: tmp,
-        }
-    }
-
-    /// Puts a fresh busybox rootfs at `<share>/<id>/rootfs`.
-    fn rootfs(&self, id: &str) -> PathBuf {
-        build_busybox_rootfs(&self.shared.join(id).join("rootfs")).unwrap()
-    }
-
-    async fn create(
-        &self,
-        id: &str,
-        spec: &Value,
-        terminal: bool,
-    ) -> Result<u32, husk_shim::agent_client::AgentError> {
-        self.rootfs(id);
-        let bytes = serde_json::to_vec(spec).unwrap();
-        self.agent
-            .create_container(id, &bytes, &format!("{id}/rootfs"), terminal)
-            .await
-    }
-
-    /// Runs a container to completion and removes it.
-    async fn run(&self, id: &str, spec: &Value) -> Output {
-        if let Err(e) = self.create(id, spec, false).await {
-            panic!("creating container {id}: {e}");
-        }
-        if let Err(e) = self.agent.start_container(id).await {
-            panic!("starting container {id}: {e}");
-        }
-        let out = self.collect(id, "").await;
-        self.agent
-            .remove_container(id, false)
-            .await
-            .expect("remove");
-        out
-    }
-
-    /// Reads stdout and stderr to EOF, then waits for the exit status.
-    async fn collect(&self, id: &str, exec_id: &str) -> Output {
-        let (stdout, stderr) = tokio::join!(
-            drain(&self.agent, id, exec_id, false),
-            drain(&self.agent, id, exec_id, true)
-        );
-        let status = tokio::time::timeout(
-            Duration::from_secs(60),
-            self.agent.wait_process(id, exec_id),
-        )
-        .await
-        .expect("process ends within 60 s")
-        .expect("wait");
-        Output {
-            stdout,
-            stderr,
-            status,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        let vm = self.vm.take().expect("VM still running");
-        assert_eq!(
-            vm.shutdown(Duration::from_secs(20)).await,
-            ShutdownOutcome::Clean
-        );
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        // A failing test shows what the guest said: the agent's log stream
-        // and the serial console.
-        if let (true, Some(vm)) = (std::thread::panicking(), &self.vm) {
-            let agent = std::fs::read_to_string(vm.agent_log_path()).unwrap_or_default();
-            let console = std::fs::read_to_string(vm.console_log_path()).unwrap_or_default();
-            eprintln!("---- agent log ----\n{agent}\n---- console ----\n{console}");
-        }
-    }
-}
-
-async fn drain(agent: &AgentClient, id: &str, exec_id: &str, stderr: bool) -> String {
-    let mut all = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "stream of {id}/{exec_id} did not end"
-        );
-        let chunk = if stderr {
-            agent.read_stderr(id, exec_id, Duration::from_secs(1)).await
-        } else {
-            agent.read_stdout(id, exec_id, Duration::from_secs(1)).await
-        };
-        match chunk.expect("read stream") {
-            Some(data) => all.extend_from_slice(&data),
-            None => return String::from_utf8_lossy(&all).into_owned(),
-        }
-    }
-}
-
-fn sh(script: &str) -> Value {
-    oci_spec::default_spec(&["sh", "-c", script])
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_behave_as_under_runc() {
@@ -484,6 +336,5 @@ async fn two_containers_tty_removal_and_bad_specs() {
         pod.run("after", &sh("echo still fine")).await.stdout,
         "still fine\n"
     );
-    let _ = Path::new(SHARE_IN_GUEST);
     pod.shutdown().await;
 }

@@ -65,6 +65,12 @@ impl AgentClient {
         })
     }
 
+    /// The same connection with another per-call deadline.
+    pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
+        self.call_timeout = call_timeout;
+        self
+    }
+
     fn ctx(&self) -> ttrpc::context::Context {
         self.ctx_with_extra(Duration::ZERO)
     }

@@ -446,7 +446,8 @@ impl PodVm {
             .await;
             match result {
                 Ok(Ok(client)) => {
-                    self.agent = Some(client);
+                    // The probe's short deadline was for boot polling only.
+                    self.agent = Some(client.with_call_timeout(self.spec.call_timeout));
                     return Ok(());
                 }
                 Ok(Err(e)) => last_error = e.to_string(),
