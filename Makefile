@@ -3,8 +3,9 @@
 #   make guest   guest kernel (cached outside the checkout) + agent initrd -> target/guest/
 #   make build   host binaries (husk-vmm, containerd-shim-husk-v2)
 #   make test    everything above, then every unit and end-to-end test
-#   make bench   pod VM start-up and memory numbers, `name: value unit`, then
-#                bench-shim: ctr run --rm echo with husk vs runc, and husk's split
+#   make bench   `name: value unit` lines: pod VM start-up and memory, containers
+#                in a VM (create, exec, virtio-fs) vs runc and the host, husk-vmm
+#                start-up, then bench-shim: ctr run --rm echo, husk vs runc
 #   make lint    rustfmt and clippy, as CI runs them
 #   make demo    setup, guest, build, then a busybox container through a private
 #                containerd in a husk microVM, printing the guest kernel
@@ -62,6 +63,10 @@ bench: guest
 	$(CARGO) build --release -p husk-vmm
 	$(CARGO) build --release -p husk-tests --bin husk-bench
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/release/husk-vmm target/release/husk-bench
+	$(CARGO) build --release -p husk-tests --bin husk-container-bench
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/release/husk-vmm target/release/husk-container-bench
+	$(CARGO) build --release -p husk-vmm --bin husk-vmm-bench
+	target/release/husk-vmm-bench
 	$(MAKE) bench-shim
 
 # ctr run --rm echo through containerd: husk vs runc, and the split of husk's time.
