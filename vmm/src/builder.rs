@@ -29,6 +29,7 @@ use crate::arch::x86_64::{
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{Serial, I8042};
 use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::fs::{FsConfig, FsDevice};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::{MuxerConfig, VsockDevice, VsockMuxer};
@@ -72,6 +73,8 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    /// A virtio-fs share served in-process (the pod's shared directory).
+    pub fs: Option<FsConfig>,
     pub api_sock: Option<PathBuf>,
     pub seccomp: bool,
     /// Turn SIGTERM and SIGINT into a clean stop (the binary; tests leave signals alone).
@@ -89,6 +92,7 @@ impl VmConfig {
             console_log: None,
             vsock: None,
             rng: false,
+            fs: None,
             api_sock: None,
             seccomp: true,
             handle_signals: false,
@@ -135,6 +139,8 @@ pub enum BuildError {
         #[source]
         source: crate::sock::BindError,
     },
+    #[error("virtio-fs share: {0}")]
+    Fs(#[source] crate::devices::virtio::fs::FsError),
     #[error("cannot open /dev/urandom for virtio-rng: {0}")]
     Rng(#[source] io::Error),
     #[error(transparent)]
@@ -216,6 +222,8 @@ pub struct Vmm {
     api_conns: HashMap<RawFd, ApiConn>,
     signals: Option<nix::sys::signalfd::SignalFd>,
     seccomp: bool,
+    /// The event loop serves virtio-fs: its seccomp filter allows the file system calls.
+    serves_fs: bool,
     vsock_uds: Option<PathBuf>,
     cmdline: String,
     ran: bool,
@@ -348,6 +356,9 @@ impl Vmm {
         }
         if cfg.rng {
             virtio.push(Box::new(Rng::new().map_err(BuildError::Rng)?));
+        }
+        if let Some(fs) = &cfg.fs {
+            virtio.push(Box::new(FsDevice::new(fs.clone()).map_err(BuildError::Fs)?));
         }
         let mut mmio = Bus::new();
         let mut devices = Vec::new();
@@ -522,6 +533,7 @@ impl Vmm {
             api_conns: HashMap::new(),
             signals,
             seccomp: cfg.seccomp,
+            serves_fs: cfg.fs.is_some(),
             vsock_uds: cfg.vsock.as_ref().map(|v| v.uds.clone()),
             cmdline,
             ran: false,
@@ -557,7 +569,14 @@ impl Vmm {
         let (vcpu_filter, loop_filter) = if self.seccomp {
             (
                 Some(Arc::new(seccomp::filter_for(ThreadKind::Vcpu)?)),
-                Some(seccomp::filter_for(ThreadKind::EventLoop)?),
+                Some(seccomp::filter_with(
+                    ThreadKind::EventLoop,
+                    if self.serves_fs {
+                        seccomp::FS_SERVER
+                    } else {
+                        &[]
+                    },
+                )?),
             )
         } else {
             (None, None)

@@ -7,6 +7,7 @@ use clap::Args;
 use tracing::{error, info};
 
 use husk_vmm::builder::{boot_timer_now, BootSource, VmConfig, VmExit, Vmm, VsockConfig};
+use husk_vmm::devices::virtio::fs::FsConfig;
 
 /// The command line husk's guest needs: the console on COM1, reboot by triple fault (how the
 /// VMM learns the guest is done: there is no ACPI), and reboot right away on panic.
@@ -45,6 +46,12 @@ pub struct RunArgs {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// Export this host directory to the guest with an in-process virtio-fs device.
+    #[arg(long, value_name = "DIR", requires = "fs_tag")]
+    shared_dir: Option<PathBuf>,
+    /// The virtio-fs tag the guest mounts (`mount -t virtiofs <TAG> <dir>`), at most 36 bytes.
+    #[arg(long, value_name = "TAG", requires = "shared_dir")]
+    fs_tag: Option<String>,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -75,6 +82,17 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
         uds,
     });
     cfg.rng = !args.no_rng;
+    if let (Some(dir), Some(tag)) = (args.shared_dir, args.fs_tag) {
+        let fs = FsConfig::new(dir, tag);
+        fs.validate().with_context(|| {
+            format!(
+                "--shared-dir {} --fs-tag {}",
+                fs.shared_dir.display(),
+                fs.tag
+            )
+        })?;
+        cfg.fs = Some(fs);
+    }
     cfg.api_sock = args.api_sock;
     cfg.seccomp = !args.no_seccomp;
     cfg.handle_signals = true;

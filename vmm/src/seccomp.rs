@@ -108,6 +108,71 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_nanosleep,
 ];
 
+/// What the event loop adds when it serves virtio-fs in-process: the passthrough file
+/// system's calls on the shared directory (O_PATH fds, *at calls, xattrs through
+/// /proc/self/fd, per-request fsuid/fsgid for new files).
+pub const FS_SERVER: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_open,
+    libc::SYS_getdents64,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_syncfs,
+    libc::SYS_ftruncate,
+    libc::SYS_fallocate,
+    libc::SYS_copy_file_range,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_readlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_flock,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_umask,
+    libc::SYS_getxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_fgetxattr,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_prctl,
+];
+
 fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
     requests
         .iter()
@@ -124,12 +189,18 @@ fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
 
 /// Compiles the filter for one kind of thread.
 pub fn filter_for(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    filter_with(kind, &[])
+}
+
+/// Compiles the filter for one kind of thread, allowing `more` syscalls besides (e.g.
+/// [`FS_SERVER`] when the event loop serves virtio-fs).
+pub fn filter_with(kind: ThreadKind, more: &[i64]) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let extra = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::EventLoop => EVENT_LOOP,
     };
-    for nr in COMMON.iter().chain(extra) {
+    for nr in COMMON.iter().chain(extra).chain(more) {
         rules.insert(*nr, Vec::new());
     }
     let ioctls = match kind {

@@ -66,6 +66,7 @@ pub mod defs;
 pub mod device;
 pub mod request;
 pub mod share;
+pub mod virtio;
 
 #[cfg(test)]
 pub(crate) mod test_utils;

@@ -627,3 +627,50 @@ fn xattr_ops_on_symlinks_stay_inside() {
     let r = g.request(dev, Opcode::Removexattr, link.nodeid, b"user.x\0", 64);
     assert_eq!(r.errno(), libc::EPERM);
 }
+
+/// husk-vmm's event loop serves virtio-fs in-process under its seccomp filter: a file's whole
+/// life through the device must stay within that filter's allow-list. A call outside it
+/// kills this test binary with SIGSYS.
+#[test]
+fn file_operations_stay_inside_the_event_loop_seccomp_filter() {
+    let filter = crate::seccomp::filter_with(
+        crate::seccomp::ThreadKind::EventLoop,
+        crate::seccomp::FS_SERVER,
+    )
+    .unwrap();
+    let mut t = TestFs::new();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                crate::seccomp::apply(&filter).unwrap();
+                let (dev, g) = (&t.dev, &mut t.guest);
+                g.init(dev);
+                let (e, fh) = g.create(dev, ROOT, b"f", 0o644, libc::O_RDWR).unwrap();
+                assert_eq!(g.write(dev, e.nodeid, fh, 0, b"data").unwrap(), 4);
+                g.release(dev, e.nodeid, fh, false);
+                let fh = g.open(dev, e.nodeid, libc::O_RDONLY).unwrap();
+                assert_eq!(g.read(dev, e.nodeid, fh, 0, 16).unwrap(), b"data");
+                g.release(dev, e.nodeid, fh, false);
+                let set = SetattrIn {
+                    valid: FATTR_SIZE | FATTR_MODE,
+                    size: 1,
+                    mode: 0o600,
+                    ..Default::default()
+                };
+                assert_eq!(g.setattr(dev, e.nodeid, set).unwrap().size, 1);
+                let d = g.mkdir(dev, ROOT, b"d", 0o755).unwrap();
+                g.rename(dev, ROOT, b"f", d.nodeid, b"g").unwrap();
+                g.symlink(dev, ROOT, b"l", b"d/g").unwrap();
+                let dfh = g.opendir(dev, ROOT).unwrap();
+                assert!(!g.readdir(dev, ROOT, dfh).unwrap().is_empty());
+                g.release(dev, ROOT, dfh, true);
+                g.unlink(dev, d.nodeid, b"g").unwrap();
+                g.unlink(dev, ROOT, b"l").unwrap();
+                g.rmdir(dev, ROOT, b"d").unwrap();
+                g.forget(dev, e.nodeid, 1);
+                dev.reset();
+            })
+            .join()
+            .unwrap();
+    });
+}
