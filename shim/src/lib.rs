@@ -7,6 +7,8 @@
 //! - [`sandbox`]: the pod: its VM, agent connection and host directory.
 //! - [`io`]: stdio between containerd's FIFOs (or log URIs) and the agent.
 //! - [`mount`]: containerd's rootfs mounts into the pod's shared directory.
+//! - [`guest_spec`]: the host paths in a CRI spec (bind sources, pause
+//!   namespaces) rewritten for the guest.
 //! - [`bundle`], [`options`], [`config`]: what containerd and the operator
 //!   hand the shim.
 //! - [`state`]: the pod's host state, and cleanup after a crashed shim.
@@ -23,6 +25,7 @@ pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod guest_spec;
 pub mod hybrid_vsock;
 pub mod hypervisor;
 pub mod io;

@@ -29,6 +29,16 @@ impl Containerd {
     /// As [`Containerd::start`], with extra environment for containerd (and
     /// so for the shims it starts), e.g. a PATH that finds a runtime's shim.
     pub fn start_with_env(extra_config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::launch(extra_config, env, false)
+    }
+
+    /// As [`Containerd::start_with_env`], with the CRI plugin enabled:
+    /// `extra_config` configures it (see [`crate::cri`]).
+    pub fn start_with_cri(extra_config: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::launch(extra_config, env, true)
+    }
+
+    fn launch(extra_config: &str, env: &[(&str, &str)], cri: bool) -> Result<Self> {
         if which("containerd").is_none() || which("ctr").is_none() {
             bail!("containerd and ctr are not installed (make setup installs Debian's containerd)");
         }
@@ -37,11 +47,17 @@ impl Containerd {
             .tempdir_in("/var/tmp")?;
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
+        // Tests that do not speak CRI leave it off: it starts a stream
+        // server, watches CNI config and would want a pause image.
+        let disabled = if cri {
+            ""
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+        };
         fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{disabled}\
                  [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n{extra_config}\n",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
@@ -90,13 +106,23 @@ impl Containerd {
 
     /// A `ctr` command against this containerd, in the test namespace.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
+        self.ctr_command_in(NAMESPACE, args)
+    }
+
+    /// A `ctr` command in `namespace` (CRI's is `k8s.io`).
+    pub fn ctr_command_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
-            .arg(NAMESPACE)
+            .arg(namespace)
             .args(args);
         cmd
+    }
+
+    /// The directory containerd's root, state, socket and log live in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
@@ -107,7 +133,15 @@ impl Containerd {
 
     /// Imports an OCI archive written by [`crate::oci_image::write_oci_archive`].
     pub fn import(&self, archive: &Path) -> Result<()> {
-        let out = self.ctr(&["images", "import", &archive.to_string_lossy()])?;
+        self.import_in(NAMESPACE, archive)
+    }
+
+    /// Imports an OCI archive into `namespace`.
+    pub fn import_in(&self, namespace: &str, archive: &Path) -> Result<()> {
+        let out = self
+            .ctr_command_in(namespace, &["images", "import", &archive.to_string_lossy()])
+            .output()
+            .context("running ctr images import")?;
         if !out.status.success() {
             bail!(
                 "ctr images import failed: {}",
@@ -135,8 +169,9 @@ impl Drop for Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Snapshot mounts of containers that a failed test left running.
-        let root = self.dir.path().join("root");
+        // Snapshot mounts of containers that a failed test left running (and
+        // CRI's pod /dev/shm mounts under the state directory).
+        let root = self.dir.path();
         if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
             let mut targets: Vec<&str> = mounts
                 .lines()

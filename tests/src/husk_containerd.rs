@@ -63,6 +63,23 @@ pub fn shim_binary() -> Result<PathBuf> {
     bail!("containerd-shim-husk-v2 not found under target/ (run `cargo build -p husk-shim`, or set HUSK_SHIM_BIN)")
 }
 
+/// Writes a shim configuration naming the test guest kernel, initrd and
+/// husk-vmm, with `extra` appended (TOML).
+pub fn write_shim_config(path: &Path, extra: &str) -> Result<()> {
+    let (kernel, initrd) = guest_artifacts()?;
+    std::fs::write(
+        path,
+        format!(
+            "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm_path = \"{}\"\nmemory_mib = 512\n\
+             boot_timeout_secs = 90\n[shim]\nlog_level = \"debug\"\n{extra}",
+            kernel.display(),
+            initrd.display(),
+            vmm_binary()?.display()
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))
+}
+
 pub struct HuskContainerd {
     pub containerd: Containerd,
     pub config: PathBuf,
@@ -77,18 +94,8 @@ impl HuskContainerd {
         let tmp = tempfile::Builder::new()
             .prefix("husk-shim-test-")
             .tempdir_in("/var/tmp")?;
-        let (kernel, initrd) = guest_artifacts()?;
         let config = tmp.path().join("configuration.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm_path = \"{}\"\nmemory_mib = 512\n\
-                 boot_timeout_secs = 90\n[shim]\nlog_level = \"debug\"\n",
-                kernel.display(),
-                initrd.display(),
-                vmm_binary()?.display()
-            ),
-        )?;
+        write_shim_config(&config, "")?;
         let rootfs = build_busybox_rootfs(&tmp.path().join("rootfs"))?;
         let archive = tmp.path().join("busybox.tar");
         write_oci_archive(&rootfs, IMAGE, &archive)?;

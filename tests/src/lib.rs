@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 use husk_shim::hypervisor::VmSpec;
 
 pub mod containerd;
+pub mod cri;
 pub mod husk_containerd;
 pub mod oci_image;
 pub mod oci_spec;

@@ -18,6 +18,16 @@ fn sha256(data: &[u8]) -> String {
 
 /// Archives `rootfs` as image `name` (e.g. `docker.io/library/busybox:husk`) to `out`.
 pub fn write_oci_archive(rootfs: &Path, name: &str, out: &Path) -> Result<()> {
+    write_oci_archive_with_cmd(rootfs, name, &["sh"], out)
+}
+
+/// As [`write_oci_archive`], with `cmd` as the image's default command.
+pub fn write_oci_archive_with_cmd(
+    rootfs: &Path,
+    name: &str,
+    cmd: &[&str],
+    out: &Path,
+) -> Result<()> {
     let mut layer = tar::Builder::new(Vec::new());
     // Keep applet symlinks as symlinks.
     layer.follow_symlinks(false);
@@ -33,7 +43,7 @@ pub fn write_oci_archive(rootfs: &Path, name: &str, out: &Path) -> Result<()> {
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
+            "Cmd": cmd,
             "WorkingDir": "/"
         },
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] },

@@ -30,6 +30,7 @@ use crate::devices::bus::Bus;
 use crate::devices::legacy::{Serial, I8042};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::{FsConfig, FsDevice};
+use crate::devices::virtio::net::{NetDevice, Tap};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::{MuxerConfig, VsockDevice, VsockMuxer};
@@ -64,6 +65,14 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// The virtio-net device: an existing tap in husk-vmm's network namespace.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    pub tap: String,
+    /// Offered to the guest with VIRTIO_NET_F_MAC; without it the guest picks one.
+    pub mac: Option<[u8; 6]>,
+}
+
 /// Everything `husk-vmm run` takes.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -73,6 +82,7 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
+    pub net: Option<NetConfig>,
     /// A virtio-fs share served in-process (the pod's shared directory).
     pub fs: Option<FsConfig>,
     pub api_sock: Option<PathBuf>,
@@ -92,6 +102,7 @@ impl VmConfig {
             console_log: None,
             vsock: None,
             rng: false,
+            net: None,
             fs: None,
             api_sock: None,
             seccomp: true,
@@ -141,6 +152,14 @@ pub enum BuildError {
     },
     #[error("virtio-fs share: {0}")]
     Fs(#[source] crate::devices::virtio::fs::FsError),
+    #[error("--net-tap {tap}: {source}")]
+    NetTap {
+        tap: String,
+        #[source]
+        source: crate::devices::virtio::net::TapError,
+    },
+    #[error("virtio-net: {0}")]
+    Net(#[source] crate::devices::virtio::net::NetError),
     #[error("cannot open /dev/urandom for virtio-rng: {0}")]
     Rng(#[source] io::Error),
     #[error(transparent)]
@@ -359,6 +378,15 @@ impl Vmm {
         }
         if let Some(fs) = &cfg.fs {
             virtio.push(Box::new(FsDevice::new(fs.clone()).map_err(BuildError::Fs)?));
+        }
+        if let Some(net) = &cfg.net {
+            let tap = Tap::open(&net.tap).map_err(|source| BuildError::NetTap {
+                tap: net.tap.clone(),
+                source,
+            })?;
+            virtio.push(Box::new(
+                NetDevice::new(tap, net.mac).map_err(BuildError::Net)?,
+            ));
         }
         let mut mmio = Bus::new();
         let mut devices = Vec::new();

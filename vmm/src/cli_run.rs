@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tracing::{error, info};
 
-use husk_vmm::builder::{boot_timer_now, BootSource, VmConfig, VmExit, Vmm, VsockConfig};
+use husk_vmm::builder::{
+    boot_timer_now, BootSource, NetConfig, VmConfig, VmExit, Vmm, VsockConfig,
+};
 use husk_vmm::devices::virtio::fs::FsConfig;
 
 /// The command line husk's guest needs: the console on COM1, reboot by triple fault (how the
@@ -52,6 +54,13 @@ pub struct RunArgs {
     /// The virtio-fs tag the guest mounts (`mount -t virtiofs <TAG> <dir>`), at most 36 bytes.
     #[arg(long, value_name = "TAG", requires = "shared_dir")]
     fs_tag: Option<String>,
+    /// Give the guest a virtio-net device over this existing tap (in husk-vmm's network
+    /// namespace).
+    #[arg(long, value_name = "NAME")]
+    net_tap: Option<String>,
+    /// The guest's MAC address (aa:bb:cc:dd:ee:ff) on --net-tap.
+    #[arg(long, value_name = "MAC", requires = "net_tap")]
+    net_mac: Option<String>,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -82,6 +91,13 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
         uds,
     });
     cfg.rng = !args.no_rng;
+    if let Some(tap) = args.net_tap {
+        let mac = match &args.net_mac {
+            Some(m) => Some(husk_vmm::devices::virtio::net::parse_mac(m).context("--net-mac")?),
+            None => None,
+        };
+        cfg.net = Some(NetConfig { tap, mac });
+    }
     if let (Some(dir), Some(tag)) = (args.shared_dir, args.fs_tag) {
         let fs = FsConfig::new(dir, tag);
         fs.validate().with_context(|| {

@@ -17,9 +17,11 @@ use tracing_subscriber::EnvFilter;
 mod cli_run;
 
 use husk_vmm::devices::virtio::fs::{limit_open_files, CacheMode, FsConfig, FsDevice};
+use husk_vmm::devices::virtio::net::{parse_mac, tap::tap_from_raw_fd, NetDevice, Tap};
 use husk_vmm::devices::virtio::vsock::{MuxerConfig, VsockMuxer};
 use husk_vmm::sock::bind_unix_listener;
 use husk_vmm::vhost_user::serve_fs;
+use husk_vmm::vhost_user::serve_net;
 use husk_vmm::vhost_user::serve_vsock;
 
 #[derive(Parser, Debug)]
@@ -41,6 +43,9 @@ enum Command {
     /// Serve a virtio-fs device exporting one host directory to one vhost-user front end
     /// (QEMU's vhost-user-fs-device), until it disconnects.
     VhostUserFs(VhostUserFsArgs),
+    /// Serve a virtio-net device over an existing tap to one vhost-user front end (QEMU's
+    /// -netdev vhost-user with virtio-net-device), until it disconnects.
+    VhostUserNet(VhostUserNetArgs),
     /// Boot a microVM on KVM (husk's own VMM): kernel, initrd, serial console, vsock, rng.
     Run(cli_run::RunArgs),
 }
@@ -65,6 +70,24 @@ struct VhostUserFsArgs {
     /// Most fds the process may hold: bounds the inodes and open files the guest can pin.
     #[arg(long, value_name = "N", default_value_t = 262_144)]
     max_open_files: u64,
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("tap_source").required(true).args(["tap", "tap_fd"]))]
+struct VhostUserNetArgs {
+    /// vhost-user socket to listen on (QEMU's -chardev socket,path=...).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Existing tap interface in this process's network namespace.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// An inherited fd already attached to a tap with IFF_VNET_HDR and IFF_NO_PI.
+    #[arg(long, value_name = "N")]
+    tap_fd: Option<i32>,
+    /// The guest's MAC address (aa:bb:cc:dd:ee:ff). QEMU's -device mac= is what the guest
+    /// sees; this one is offered too when QEMU asks for the config space.
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +117,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::VhostUserVsock(args) => vhost_user_vsock(args),
         Command::VhostUserFs(args) => vhost_user_fs(args),
+        Command::VhostUserNet(args) => vhost_user_net(args),
         Command::Run(args) => cli_run::run(args, t0_ns),
     };
     match res {
@@ -177,6 +201,35 @@ fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
     );
 
     let res = serve_fs(listener.into(), device).context("vhost-user-fs backend failed");
+    remove_sockets(&sockets);
+    info!("vhost-user front end disconnected; exiting");
+    res
+}
+
+fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
+    // Argument errors first, before anything is bound.
+    let mac = match &args.mac {
+        Some(m) => Some(parse_mac(m).context("--mac")?),
+        None => None,
+    };
+    let tap = match (&args.tap, args.tap_fd) {
+        (Some(name), _) => Tap::open(name).with_context(|| format!("--tap {name}"))?,
+        (None, Some(fd)) => tap_from_raw_fd(fd).with_context(|| format!("--tap-fd {fd}"))?,
+        (None, None) => bail!("one of --tap or --tap-fd is required"),
+    };
+    let tap_name = tap.name().to_string();
+    let device = NetDevice::new(tap, mac).context("cannot set up the net device")?;
+    let sockets = vec![args.socket.clone()];
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
+    let listener = bind_unix_listener(&args.socket)
+        .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
+    info!(
+        socket = %args.socket.display(),
+        tap = %tap_name,
+        mac = args.mac.as_deref().unwrap_or("-"),
+        "vhost-user-net backend listening"
+    );
+    let res = serve_net(listener.into(), device).context("vhost-user-net backend failed");
     remove_sockets(&sockets);
     info!("vhost-user front end disconnected; exiting");
     res

@@ -27,6 +27,8 @@ const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const FIONBIO: u64 = 0x5421;
 const FIOCLEX: u64 = 0x5451;
+/// virtio-net tells the tap which offloads the guest negotiated from the event loop.
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -205,7 +207,7 @@ pub fn filter_with(kind: ThreadKind, more: &[i64]) -> Result<BpfProgram, Seccomp
     }
     let ioctls = match kind {
         ThreadKind::Vcpu => ioctl_rules(&[KVM_RUN, KVM_GET_REGS, FIONBIO])?,
-        ThreadKind::EventLoop => ioctl_rules(&[FIONBIO, FIOCLEX])?,
+        ThreadKind::EventLoop => ioctl_rules(&[FIONBIO, FIOCLEX, TUNSETOFFLOAD])?,
     };
     rules.insert(libc::SYS_ioctl, ioctls);
     let filter = SeccompFilter::new(

@@ -206,6 +206,11 @@ impl Sandbox {
         &self.agent
     }
 
+    /// `<sandbox dir>/shared` on the host: what virtio-fs exports.
+    pub fn share_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
     /// `<sandbox dir>/shared/<container>/rootfs` on the host.
     pub fn rootfs_dir(&self, container_id: &str) -> PathBuf {
         self.dir.join("shared").join(container_id).join("rootfs")

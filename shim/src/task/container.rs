@@ -19,6 +19,7 @@ use super::{
 use crate::{
     bundle::{Bundle, PodRole},
     config::Config,
+    guest_spec::{self, HostBind},
     io::ProcessIo,
     mount::{self, RootfsMount},
     options,
@@ -33,6 +34,9 @@ pub struct Container {
     pub init: Process,
     pub execs: HashMap<String, Process>,
     pub paused: bool,
+    /// Host files and directories bound into the share for the spec's
+    /// mounts (CRI's hosts, resolv.conf, hostname; volumes).
+    pub binds: Vec<HostBind>,
 }
 
 /// Container ids as the agent accepts them.
@@ -147,12 +151,39 @@ async fn create_in_sandbox(
         mount::mount_rootfs(&mounts, &rootfs)
     };
     mounted.map_err(|e| internal(format!("container {} rootfs: {e}", req.id)))?;
-    let undo_mount = || remove_rootfs(&rootfs);
+
+    // The spec names host paths (bind sources, the pause container's
+    // namespaces) that the guest must see under other names.
+    let sandbox_guest_pid = pod
+        .containers
+        .get(sandbox.id())
+        .map(|c| c.init.guest_pid)
+        .filter(|&pid| pid > 0);
+    let guest = match guest_spec::adapt(
+        &bundle.spec_json,
+        &req.id,
+        &sandbox.share_dir(),
+        sandbox_guest_pid,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            remove_rootfs(&rootfs);
+            return Err(invalid(format!("container {}: {e}", req.id)));
+        }
+    };
+    if let Err(e) = guest_spec::share_binds(&guest.binds) {
+        remove_rootfs(&rootfs);
+        return Err(internal(format!("container {}: {e}", req.id)));
+    }
+    let undo_mount = || {
+        guest_spec::unshare_binds(&guest.binds);
+        remove_rootfs(&rootfs);
+    };
 
     let guest_pid = match agent
         .create_container(
             &req.id,
-            &bundle.spec_json,
+            &guest.json,
             &format!("{}/rootfs", req.id),
             req.terminal,
         )
@@ -202,6 +233,7 @@ async fn create_in_sandbox(
         init,
         execs: HashMap::new(),
         paused: false,
+        binds: guest.binds,
     })
 }
 
@@ -232,6 +264,7 @@ pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
             io.lock().await.finish(std::time::Duration::ZERO).await;
         }
     }
+    guest_spec::unshare_binds(&c.binds);
     remove_rootfs(&c.rootfs);
     // Never started: containerd still wants an exit.
     c.init.set_exit_if_unset(0);

@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod fs;
+pub mod net;
 pub mod rng;
 pub mod transport;
 pub mod vsock;
