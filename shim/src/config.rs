@@ -34,7 +34,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum HypervisorKind {
-    /// husk-vmm where KVM can run a stock guest, QEMU otherwise.
+    /// The best backend the shim can drive on this host. Today that is QEMU
+    /// everywhere (with KVM where it can run a stock guest, TCG otherwise);
+    /// husk-vmm joins once the shim can launch it.
     #[default]
     Auto,
     /// husk-vmm runs the whole VM on KVM.
