@@ -9,15 +9,14 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
+use super::daemon::{serve_one, ServeError};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::devices::virtio::fs::defs::MAX_QUEUE_SIZE;
 use crate::devices::virtio::fs::FsDevice;
@@ -27,10 +26,10 @@ const MAX_CONFIG_READ: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserFsError {
-    /// The daemon's own error is not `Sync` (it can carry a thread panic payload), so only its
-    /// message is kept.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// The vhost-user backend around an [`FsDevice`].
@@ -130,13 +129,7 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(error = %e, "cannot create the vhost-user exit event");
-                None
-            }
-        }
+        super::daemon::exit_event()
     }
 
     fn handle_event(
@@ -158,36 +151,12 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 }
 
-fn daemon_err(e: vhost_user_backend::Error) -> VhostUserFsError {
-    VhostUserFsError::Daemon(e.to_string())
-}
-
 /// Serves `device` as a vhost-user-fs device to exactly one front end connecting on
 /// `listener`, and returns when that front end disconnects.
 pub fn serve_fs(mut listener: Listener, device: FsDevice) -> Result<(), VhostUserFsError> {
     let backend = Arc::new(RwLock::new(VhostUserFsBackend::new(device)));
-    let mut daemon = VhostUserDaemon::new(
-        "husk-fs".to_string(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err)?;
-
-    info!("waiting for the vhost-user front end");
-    daemon.start(&mut listener).map_err(daemon_err)?;
-    info!("vhost-user front end connected");
-    let res = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    match res {
-        Ok(()) => Ok(()),
-        // The front end going away is how a VM ends, not an error.
-        Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(daemon_err(e)),
-    }
+    serve_one("husk-fs", backend, &mut listener, None)?;
+    Ok(())
 }
 
 #[cfg(test)]

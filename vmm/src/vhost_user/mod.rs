@@ -2,10 +2,12 @@
 //!
 //! QEMU is the vhost-user front end (it connects); we listen and serve exactly one connection.
 
+mod daemon;
 pub mod fs;
 pub mod net;
 pub mod vsock;
 
+pub use self::daemon::ServeError;
 pub use self::fs::{serve_fs, VhostUserFsBackend, VhostUserFsError};
 pub use self::net::{serve_net, VhostUserNetBackend, VhostUserNetError};
 pub use self::vsock::{serve_vsock, VhostUserVsockBackend, VhostUserVsockError};

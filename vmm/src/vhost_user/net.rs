@@ -9,15 +9,14 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
+use super::daemon::{serve_one, ServeError};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::devices::virtio::net::defs::{
     NUM_QUEUES, RXQ_INDEX, TXQ_INDEX, VHOST_USER_MAX_QUEUE_SIZE,
@@ -33,18 +32,12 @@ const MAX_CONFIG_READ: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserNetError {
-    /// The daemon's own error is not `Sync` (it can carry a thread panic payload), so only its
-    /// message is kept.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    #[error("cannot register the tap with the vhost-user event loop: {0}")]
-    RegisterBackend(#[source] io::Error),
-    #[error("the vhost-user daemon has no event loop thread")]
-    NoEventLoop,
     #[error("net backend lock poisoned")]
     Poisoned,
     #[error(transparent)]
     Device(#[from] NetError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// The vhost-user backend around a [`NetDevice`].
@@ -154,13 +147,7 @@ impl<B: NetBackend + Sync> VhostUserBackendMut for VhostUserNetBackend<B> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(error = %e, "cannot create the vhost-user exit event");
-                None
-            }
-        }
+        super::daemon::exit_event()
     }
 
     fn handle_event(
@@ -197,10 +184,6 @@ impl<B: NetBackend + Sync> VhostUserBackendMut for VhostUserNetBackend<B> {
     }
 }
 
-fn daemon_err(e: vhost_user_backend::Error) -> VhostUserNetError {
-    VhostUserNetError::Daemon(e.to_string())
-}
-
 /// Serves `device` as a vhost-user-net device to exactly one front end connecting on
 /// `listener`, and returns when that front end disconnects.
 pub fn serve_net<B: NetBackend + Sync + 'static>(
@@ -209,34 +192,13 @@ pub fn serve_net<B: NetBackend + Sync + 'static>(
 ) -> Result<(), VhostUserNetError> {
     let backend_fd = device.backend_fd();
     let backend = Arc::new(RwLock::new(VhostUserNetBackend::new(device)));
-    let mut daemon = VhostUserDaemon::new(
-        "husk-net".to_string(),
+    serve_one(
+        "husk-net",
         backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err)?;
-
-    let handlers = daemon.get_epoll_handlers();
-    let handler = handlers.first().ok_or(VhostUserNetError::NoEventLoop)?;
-    handler
-        .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
-        .map_err(VhostUserNetError::RegisterBackend)?;
-
-    info!("waiting for the vhost-user front end");
-    daemon.start(&mut listener).map_err(daemon_err)?;
-    info!("vhost-user front end connected");
-    let res = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    match res {
-        Ok(()) => Ok(()),
-        // The front end going away is how a VM ends, not an error.
-        Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(daemon_err(e)),
-    }
+        &mut listener,
+        Some((backend_fd, BACKEND_EVENT)),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,15 +8,14 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
+use super::daemon::{serve_one, ServeError};
 use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::devices::virtio::vsock::defs::{
     EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
@@ -32,16 +31,10 @@ const MAX_CONFIG_READ: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserVsockError {
-    /// The daemon's own error is not `Sync` (it can carry a thread panic payload), so only its
-    /// message is kept.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    #[error("cannot register the vsock backend fd with the vhost-user event loop: {0}")]
-    RegisterBackend(#[source] io::Error),
-    #[error("the vhost-user daemon has no event loop thread")]
-    NoEventLoop,
     #[error("vsock backend lock poisoned")]
     Poisoned,
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// The vhost-user backend around a [`VsockDevice`] with the hybrid-vsock muxer.
@@ -155,13 +148,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!(error = %e, "cannot create the vhost-user exit event");
-                None
-            }
-        }
+        super::daemon::exit_event()
     }
 
     fn handle_event(
@@ -190,10 +177,6 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 }
 
-fn daemon_err(e: vhost_user_backend::Error) -> VhostUserVsockError {
-    VhostUserVsockError::Daemon(e.to_string())
-}
-
 /// Serves `muxer` as a vhost-user-vsock device to exactly one front end connecting on
 /// `listener`, and returns when that front end disconnects.
 pub fn serve_vsock(
@@ -207,34 +190,13 @@ pub fn serve_vsock(
         .map_err(|_| VhostUserVsockError::Poisoned)?
         .device()
         .backend_fd();
-    let mut daemon = VhostUserDaemon::new(
-        "husk-vsock".to_string(),
+    serve_one(
+        "husk-vsock",
         backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(daemon_err)?;
-
-    let handlers = daemon.get_epoll_handlers();
-    let handler = handlers.first().ok_or(VhostUserVsockError::NoEventLoop)?;
-    handler
-        .register_listener(backend_fd, EventSet::IN, u64::from(BACKEND_EVENT))
-        .map_err(VhostUserVsockError::RegisterBackend)?;
-
-    info!("waiting for the vhost-user front end");
-    daemon.start(&mut listener).map_err(daemon_err)?;
-    info!("vhost-user front end connected");
-    let res = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    match res {
-        Ok(()) => Ok(()),
-        // The front end going away is how a VM ends, not an error.
-        Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(daemon_err(e)),
-    }
+        &mut listener,
+        Some((backend_fd, BACKEND_EVENT)),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
