@@ -9,6 +9,7 @@ pub mod guest_info;
 pub mod init;
 pub mod log_stream;
 pub mod logging;
+pub mod network;
 pub mod power;
 pub mod reaper;
 pub mod rpc;

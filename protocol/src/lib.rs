@@ -12,7 +12,8 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// 1: health, version, guest details, shutdown.
 /// 2: sandbox set-up, container lifecycle, stdio, stats, update, pause/resume,
 ///    OOM events, process lists.
-pub const API_VERSION: u32 = 2;
+/// 3: network interface and route set-up.
+pub const API_VERSION: u32 = 3;
 
 #[allow(
     clippy::all,

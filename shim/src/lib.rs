@@ -31,6 +31,7 @@ pub mod hypervisor;
 pub mod io;
 pub mod logging;
 pub mod mount;
+pub mod network;
 pub mod options;
 pub mod sandbox;
 pub mod state;

@@ -18,8 +18,10 @@ use husk_protocol::{
         ResumeContainerRequest, ResumeContainerResponse, ShutdownRequest, ShutdownResponse,
         SignalProcessRequest, SignalProcessResponse, StartContainerRequest, StartContainerResponse,
         StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse,
-        UpdateContainerRequest, UpdateContainerResponse, VersionRequest, VersionResponse,
-        WaitProcessRequest, WaitProcessResponse, WriteStdinRequest, WriteStdinResponse,
+        UpdateContainerRequest, UpdateContainerResponse, UpdateInterfaceRequest,
+        UpdateInterfaceResponse, UpdateRoutesRequest, UpdateRoutesResponse, VersionRequest,
+        VersionResponse, WaitProcessRequest, WaitProcessResponse, WriteStdinRequest,
+        WriteStdinResponse,
     },
     agent_ttrpc::AgentService,
     API_VERSION,
@@ -35,6 +37,7 @@ use crate::{
         Runtime,
     },
     guest_info::{self, GuestInfoError, KernelInfo, MemInfo},
+    network::{self, NetError},
     reaper::ExitStatus,
     shutdown,
 };
@@ -118,6 +121,33 @@ impl Service {
             uptime_ns: clock::boottime_ns(),
             ..Default::default()
         })
+    }
+}
+
+fn net_fail(call: &str, e: NetError) -> ttrpc::Error {
+    let code = match &e {
+        NetError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+        NetError::Invalid(_) => ttrpc::Code::INVALID_ARGUMENT,
+        NetError::Sys { .. } => ttrpc::Code::INTERNAL,
+    };
+    tracing::warn!("{call}: {e}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+impl Service {
+    /// Network calls change the machine's interfaces: only PID 1 in a guest
+    /// may make them, never an agent run on a host for tests.
+    fn guest_only(&self, call: &str) -> ttrpc::Result<()> {
+        if self.runtime.config().guest {
+            Ok(())
+        } else {
+            Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!(
+                    "{call}: this agent is not a guest's init; it leaves the host's network alone"
+                ),
+            )))
+        }
     }
 }
 
@@ -459,5 +489,50 @@ impl AgentService for Service {
             pids,
             ..Default::default()
         })
+    }
+
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<UpdateInterfaceResponse> {
+        self.guest_only("UpdateInterface")?;
+        let mac = network::parse_mac(&req.mac).map_err(|e| net_fail("UpdateInterface", e))?;
+        let addrs = req
+            .addresses
+            .iter()
+            .map(|a| network::IfAddr::parse(&a.address, a.prefix_len))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| net_fail("UpdateInterface", e))?;
+        // ioctls: quick, but syscalls all the same; keep them off the
+        // reactor threads.
+        let name =
+            tokio::task::spawn_blocking(move || network::update_interface(mac, &addrs, req.mtu))
+                .await
+                .map_err(internal)?
+                .map_err(|e| net_fail("UpdateInterface", e))?;
+        Ok(UpdateInterfaceResponse {
+            name,
+            ..Default::default()
+        })
+    }
+
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<UpdateRoutesResponse> {
+        self.guest_only("UpdateRoutes")?;
+        let routes = req
+            .routes
+            .iter()
+            .map(|r| network::RouteSpec::parse(&r.destination, &r.gateway, &r.device, &r.source))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| net_fail("UpdateRoutes", e))?;
+        tokio::task::spawn_blocking(move || network::update_routes(&routes))
+            .await
+            .map_err(internal)?
+            .map_err(|e| net_fail("UpdateRoutes", e))?;
+        Ok(UpdateRoutesResponse::default())
     }
 }

@@ -2,8 +2,10 @@
 //! The guest side of the pod ([`containers`]: the container calls).
 
 mod containers;
+mod network;
 
 pub use containers::ExitStatus;
+pub use network::GuestRoute;
 
 use std::{path::Path, time::Duration};
 

@@ -10,7 +10,7 @@ pub mod detect;
 mod pod_vm;
 pub mod qemu;
 
-use std::{path::PathBuf, time::Duration};
+use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
 pub use pod_vm::{LaunchError, LaunchTimings, PodVm, ShutdownOutcome};
 
@@ -57,6 +57,19 @@ pub struct VmSpec {
     pub agent_log_port: Option<u32>,
     /// The pod's shared directory, exported to the guest with virtio-fs.
     pub share: Option<Share>,
+    /// The pod's NIC: a tap QEMU drives as a virtio-net device.
+    pub network: Option<NetDevice>,
+}
+
+/// A virtio-net device backed by a tap the caller opened (in the pod's
+/// network namespace). QEMU inherits the fd; the launch does not close the
+/// caller's copy.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap: Arc<OwnedFd>,
+    /// The guest NIC's MAC: the CNI interface's, so that the pod IP keeps
+    /// the MAC the CNI bridge has learned for it.
+    pub mac: [u8; 6],
 }
 
 /// A host directory the guest mounts with `mount -t virtiofs <tag> <dir>`.
@@ -93,6 +106,7 @@ impl VmSpec {
             guest_cid: 3,
             agent_log_port: Some(DEFAULT_AGENT_LOG_PORT),
             share: None,
+            network: None,
         }
     }
 }

@@ -380,6 +380,22 @@ impl PodVm {
                     .map_err(|e| state_err(&self.paths.qemu_log, e))?,
             )
             .stderr(log);
+        if let Some(net) = &self.spec.network {
+            // The tap fd is close-on-exec (so husk-vmm and other children
+            // never hold the pod's NIC); QEMU alone inherits it, under the
+            // number its command line names.
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*net.tap);
+            // SAFETY: fcntl(2) is async-signal-safe and touches only this fd.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         debug!(id = %self.spec.id, ?cmd, "starting QEMU");
         self.qemu = Some(spawn(cmd, "QEMU", &self.spec.qemu_binary)?);
         Ok(())

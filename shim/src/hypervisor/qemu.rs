@@ -1,6 +1,6 @@
 //! The QEMU command line for a pod VM.
 
-use std::{ffi::OsString, path::Path};
+use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
 use super::{Accel, VmSpec};
 
@@ -83,6 +83,23 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
         a.push(prefixed("socket,id=fs0,path=", socket));
         a.push("-device".into());
         a.push(format!("vhost-user-fs-device,chardev=fs0,tag={}", share.tag).into());
+    }
+    if let Some(net) = &spec.network {
+        // QEMU's own tap backend on the inherited fd: vhost-user-net does not
+        // work with QEMU 7.2's microvm, and there is no /dev/vhost-net here
+        // (vhost=off). With fd= QEMU reads the vnet header setting from the
+        // tap itself (IFF_VNET_HDR) and refuses a vnet_hdr= option.
+        let m = net.mac;
+        a.push("-netdev".into());
+        a.push(format!("tap,id=net0,fd={},vhost=off", net.tap.as_raw_fd()).into());
+        a.push("-device".into());
+        a.push(
+            format!(
+                "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )
+            .into(),
+        );
     }
     a
 }
@@ -177,6 +194,39 @@ mod tests {
         .collect::<Vec<_>>()
         .join(" ");
         assert!(joined.contains("-chardev socket,id=fs0,path=/run/husk/t1/fs.vhost -device vhost-user-fs-device,chardev=fs0,tag=husk"), "{joined}");
+    }
+
+    #[test]
+    fn network_adds_a_tap_netdev_with_the_pod_mac() {
+        let vhost = PathBuf::from("/run/husk/t1/vsock.vhost");
+        let console = PathBuf::from("/run/husk/t1/console.log");
+        let paths = QemuPaths {
+            vhost_vsock_socket: &vhost,
+            vhost_fs_socket: None,
+            console_log: &console,
+        };
+        let joined = |s: &VmSpec| {
+            args(s, Accel::Tcg, &paths)
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(!joined(&spec()).contains("-netdev"));
+        let tap: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fd = tap.as_raw_fd();
+        let mut s = spec();
+        s.network = Some(crate::hypervisor::NetDevice {
+            tap: std::sync::Arc::new(tap),
+            mac: [0x0a, 0x58, 0x0a, 0xcb, 0x01, 0x05],
+        });
+        let j = joined(&s);
+        assert!(
+            j.contains(&format!(
+                "-netdev tap,id=net0,fd={fd},vhost=off -device virtio-net-device,netdev=net0,mac=0a:58:0a:cb:01:05"
+            )),
+            "{j}"
+        );
     }
 
     #[test]

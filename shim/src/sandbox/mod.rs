@@ -17,10 +17,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
-    agent_client::AgentClient,
+    agent_client::{AgentClient, GuestRoute},
     config::{Config, HypervisorKind},
     events::Events,
-    hypervisor::{PodVm, Share, VmSpec},
+    hypervisor::{NetDevice, PodVm, Share, VmSpec},
+    network::{format_mac, NetworkError, PodNetwork},
     state::{self, ProcessRef, SandboxState},
 };
 
@@ -48,6 +49,8 @@ pub enum SandboxError {
     Launch(#[from] crate::hypervisor::LaunchError),
     #[error("setting up the sandbox in the guest: {0}")]
     Agent(#[from] crate::agent_client::AgentError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
 }
 
 /// How long the boot took, for logs and the bench.
@@ -61,6 +64,9 @@ pub struct Sandbox {
     id: String,
     dir: PathBuf,
     vm: Option<PodVm>,
+    /// The tap and tc redirect in the pod's network namespace; torn down
+    /// after the VM, which holds the tap.
+    network: Option<PodNetwork>,
     agent: AgentClient,
     console_copy: Option<PathBuf>,
     oom_task: JoinHandle<()>,
@@ -69,9 +75,12 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Boots the pod VM and sets the sandbox up in the guest.
+    /// `netns`: the pod's network namespace (CRI's, with the CNI interface
+    /// in it), whose network the VM takes over.
     pub async fn boot(
         id: &str,
         hostname: &str,
+        netns: Option<&Path>,
         config: &Config,
         events: Events,
     ) -> Result<Sandbox, SandboxError> {
@@ -112,7 +121,7 @@ impl Sandbox {
             source,
         })?;
         // From here on, a failure must not leave the directory behind.
-        let result = Self::launch(id, hostname, config, &dir, &shared, events).await;
+        let result = Self::launch(id, hostname, netns, config, &dir, &shared, events).await;
         match result {
             Ok(mut sb) => {
                 sb.timings.sandbox_ready = start.elapsed();
@@ -129,6 +138,7 @@ impl Sandbox {
     async fn launch(
         id: &str,
         hostname: &str,
+        netns: Option<&Path>,
         config: &Config,
         dir: &Path,
         shared: &Path,
@@ -152,6 +162,21 @@ impl Sandbox {
             dir: shared.to_path_buf(),
             tag: SHARE_TAG.into(),
         });
+        // Dropped (so torn down) on any error below.
+        let network = match netns {
+            Some(path) => {
+                let path = path.to_path_buf();
+                // Runs ip and tc: blocking, so off the reactor.
+                tokio::task::spawn_blocking(move || PodNetwork::setup(&path))
+                    .await
+                    .map_err(|e| SandboxError::Config(format!("pod network set-up: {e}")))??
+            }
+            None => None,
+        };
+        spec.network = network.as_ref().map(|n| NetDevice {
+            tap: n.tap.clone(),
+            mac: n.interface.mac,
+        });
         let vm = PodVm::launch(spec).await?;
         let vm_ready = start.elapsed();
         // Record who runs the pod before anything else can fail, so that
@@ -174,6 +199,9 @@ impl Sandbox {
         agent
             .create_sandbox(hostname, "", SHARE_TAG, SHARE_IN_GUEST)
             .await?;
+        if let Some(net) = &network {
+            configure_guest_network(&agent, net).await?;
+        }
         info!(
             sandbox = id,
             accel = ?vm.accel(),
@@ -185,6 +213,7 @@ impl Sandbox {
             id: id.to_string(),
             dir: dir.to_path_buf(),
             vm: Some(vm),
+            network,
             agent,
             console_copy: config
                 .console_log
@@ -233,6 +262,11 @@ impl Sandbox {
             let outcome = vm.shutdown(grace).await;
             info!(sandbox = %self.id, ?outcome, "pod VM down");
         }
+        if let Some(mut net) = self.network.take() {
+            tokio::task::spawn_blocking(move || net.teardown())
+                .await
+                .unwrap_or_else(|e| warn!("pod network teardown: {e}"));
+        }
         state::unmount_under(&self.dir);
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
@@ -255,6 +289,35 @@ impl Sandbox {
             warn!(sandbox = %self.id, "writing console log {}: {e}", dest.display());
         }
     }
+}
+
+/// Gives the guest NIC (found by the pod MAC) the CNI interface's addresses
+/// and MTU, then the routes CNI set up through it.
+async fn configure_guest_network(
+    agent: &AgentClient,
+    net: &PodNetwork,
+) -> Result<(), SandboxError> {
+    let name = agent
+        .update_interface(
+            &format_mac(net.interface.mac),
+            &net.interface.addresses,
+            net.interface.mtu,
+        )
+        .await?;
+    let routes: Vec<GuestRoute> = net
+        .routes
+        .iter()
+        .map(|r| GuestRoute {
+            destination: r.destination.clone(),
+            gateway: r.gateway.clone(),
+            device: name.clone(),
+        })
+        .collect();
+    if !routes.is_empty() {
+        agent.update_routes(&routes).await?;
+    }
+    info!(interface = %name, addresses = ?net.interface.addresses, routes = routes.len(), "guest network configured");
+    Ok(())
 }
 
 impl Drop for Sandbox {

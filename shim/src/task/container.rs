@@ -82,9 +82,18 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
             } else {
                 bundle.hostname.as_str()
             };
-            let sandbox = Sandbox::boot(sb, hostname, &config, inner.events.clone())
-                .await
-                .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e))?;
+            let netns = serde_json::from_slice(&bundle.spec_json)
+                .ok()
+                .and_then(|v| crate::network::netns_path_of(&v));
+            let sandbox = Sandbox::boot(
+                sb,
+                hostname,
+                netns.as_deref(),
+                &config,
+                inner.events.clone(),
+            )
+            .await
+            .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e))?;
             info!(
                 sandbox = sb,
                 ready_ms = sandbox.timings.sandbox_ready.as_millis() as u64,
