@@ -5,7 +5,8 @@
 #   make test    everything above, then every unit and end-to-end test
 #   make bench   `name: value unit` lines: pod VM start-up and memory, containers
 #                in a VM (create, exec, virtio-fs) vs runc and the host, husk-vmm
-#                start-up, then bench-shim: ctr run --rm echo, husk vs runc
+#                start-up, then bench-shim: ctr run --rm echo, husk vs runc,
+#                and bench-cri: CRI pods (ready, first output, memory) vs runc
 #   make lint    rustfmt and clippy, as CI runs them
 #   make demo    setup, guest, build, then a busybox container through a private
 #                containerd in a husk microVM, printing the guest kernel
@@ -16,7 +17,7 @@ GUEST_DIR := $(CURDIR)/target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 
-.PHONY: all setup guest kernel agent initrd build test bench bench-shim lint demo install clean-guest
+.PHONY: all setup guest kernel agent initrd build test bench bench-shim bench-cri lint demo install clean-guest
 
 all: guest build
 
@@ -68,11 +69,18 @@ bench: guest
 	$(CARGO) build --release -p husk-vmm --bin husk-vmm-bench
 	target/release/husk-vmm-bench
 	$(MAKE) bench-shim
+	$(MAKE) bench-cri
 
 # ctr run --rm echo through containerd: husk vs runc, and the split of husk's time.
 bench-shim: guest build
 	$(CARGO) build -p husk-tests --bin husk-shim-bench
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm target/debug/husk-shim-bench
+
+# Pods through containerd's CRI plugin, husk vs runc: RunPodSandbox to ready,
+# to the first container output, and host memory per idle pod.
+bench-cri: guest build
+	$(CARGO) build -p husk-tests --bin husk-cri-bench
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm target/debug/husk-cri-bench
 
 lint:
 	$(CARGO) fmt --all -- --check
