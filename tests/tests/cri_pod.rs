@@ -444,7 +444,7 @@ fn pods_in_a_loop_leave_nothing_behind() {
     let n: usize = std::env::var("HUSK_CRI_PODS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(20);
     runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
         let mut times = Vec::new();
