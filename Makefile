@@ -17,7 +17,7 @@ GUEST_DIR := $(CURDIR)/target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 
-.PHONY: all setup guest kernel agent initrd build test bench bench-shim bench-cri lint demo install clean-guest
+.PHONY: all setup guest kernel agent initrd build test bench bench-shim bench-cri bench-net lint demo install clean-guest
 
 all: guest build
 
@@ -70,6 +70,7 @@ bench: guest
 	target/release/husk-vmm-bench
 	$(MAKE) bench-shim
 	$(MAKE) bench-cri
+	$(MAKE) bench-net
 
 # ctr run --rm echo through containerd: husk vs runc, and the split of husk's time.
 bench-shim: guest build
@@ -81,6 +82,11 @@ bench-shim: guest build
 bench-cri: guest build
 	$(CARGO) build -p husk-tests --bin husk-cri-bench
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm target/debug/husk-cri-bench
+
+# TCP throughput between two pods by pod IP, two husk pods vs two runc pods.
+bench-net: guest build
+	$(CARGO) build -p husk-tests --bin husk-net-bench
+	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm target/debug/husk-net-bench
 
 lint:
 	$(CARGO) fmt --all -- --check

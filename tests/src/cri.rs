@@ -284,6 +284,10 @@ fn cni_config(bridge: &str, subnet: &str, ipam_dir: &Path) -> String {
                     "routes": [{ "dst": "0.0.0.0/0" }]
                 }
             },
+            // CRI's port mappings (PodSandboxConfig.port_mappings): DNAT
+            // from the host port to the pod IP, which the shim's veth->tap
+            // redirect carries into the VM.
+            { "type": "portmap", "capabilities": { "portMappings": true } },
             { "type": "loopback" }
         ]
     })

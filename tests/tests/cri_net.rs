@@ -3,7 +3,9 @@
 //! device uses, and the agent gives the guest NIC the pod IP. A server in
 //! one husk pod answers a client in another husk pod and one on the host,
 //! by pod IP; the pod's hostname and DNS reach its containers; teardown
-//! leaves no tap or tc redirect.
+//! leaves no tap or tc redirect. CNI's portmap plugin publishes a pod's
+//! port on the host (CRI port mappings), and its iptables rules go with
+//! the pod.
 
 use std::{
     io::{Read, Write},
@@ -18,7 +20,8 @@ use husk_tests::{
 };
 use k8s_cri::v1::{
     CreateContainerRequest, DnsConfig, ExecSyncRequest, PodSandboxConfig, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
 };
 
 /// The shim's tap in each pod namespace (husk_shim::network::TAP_NAME).
@@ -152,6 +155,14 @@ fn namespaces_with_tap() -> Vec<String> {
         .collect()
 }
 
+/// Whether the namespace's eth0 has `ip` (its CNI address).
+fn holds_ip(ns: &str, ip: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "-o", "-4", "addr", "show", "dev", "eth0"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {ip}/")))
+}
+
 /// `tc` ingress filters on the namespace's eth0, if the namespace is there.
 fn ingress_filters(ns: &str) -> String {
     Command::new("tc")
@@ -184,9 +195,11 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
         let pod_a = run_pod(&mut client, &cri, a_config.clone()).await;
         eprintln!("pod A ready in {} ms", t0.elapsed().as_millis());
         let ip_a = pod_ip(&mut client, &pod_a).await;
+        // Only namespaces holding this pod's IP: other pods (of a concurrent
+        // run on the same host) may have taps of their own.
         let taps: Vec<String> = namespaces_with_tap()
             .into_iter()
-            .filter(|n| !before.contains(n))
+            .filter(|n| !before.contains(n) && holds_ip(n, &ip_a))
             .collect();
         assert_eq!(taps.len(), 1, "one tap for the pod: {taps:?}");
         assert!(
@@ -228,6 +241,11 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
         let pod_b = run_pod(&mut client, &cri, b_config.clone()).await;
         let ip_b = pod_ip(&mut client, &pod_b).await;
         assert_ne!(ip_a, ip_b);
+        let ours: Vec<String> = namespaces_with_tap()
+            .into_iter()
+            .filter(|n| holds_ip(n, &ip_a) || holds_ip(n, &ip_b))
+            .collect();
+        assert_eq!(ours.len(), 2, "a tap in each pod's namespace: {ours:?}");
         let cl = start_container(
             &mut client,
             &pod_b,
@@ -276,7 +294,7 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
         loop {
             let left: Vec<String> = namespaces_with_tap()
                 .into_iter()
-                .filter(|n| !before.contains(n))
+                .filter(|n| ours.contains(n))
                 .collect();
             let filters: Vec<String> = taps
                 .iter()
@@ -292,5 +310,95 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    });
+}
+
+/// The host's iptables rules (all tables) that mention `needle`.
+fn iptables_rules_with(needle: &str) -> Vec<String> {
+    let out = Command::new("iptables-save")
+        .output()
+        .expect("running iptables-save");
+    assert!(
+        out.status.success(),
+        "iptables-save: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn husk_pod_port_mapping_reaches_the_vm_from_the_host() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED husk_pod_port_mapping_reaches_the_vm_from_the_host: CRI, CNI and the shim need root");
+        return;
+    }
+    husk_tests::init_tracing();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cri = CriContainerd::start().expect("CRI containerd set-up");
+    // A host port unique to this process: runs on the host may overlap.
+    let host_port = 18080 + (std::process::id() % 1000) as u16;
+    runtime().block_on(async {
+        let mut client = cri.runtime().await.unwrap();
+        let mut config = cri.pod_config("net-pm");
+        config.port_mappings = vec![PortMapping {
+            protocol: Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port: i32::from(host_port),
+            // 127.0.0.1: portmap DNATs locally sent packets in OUTPUT and
+            // sets route_localnet on the bridge (and masquerades them), so
+            // a host client on loopback reaches the pod.
+            host_ip: "127.0.0.1".to_string(),
+        }];
+        let pod = run_pod(&mut client, &cri, config.clone()).await;
+        let ip = pod_ip(&mut client, &pod).await;
+        let rules = iptables_rules_with(&pod);
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains("DNAT") || r.contains(&format!("--dport {host_port}"))),
+            "portmap's rules for the pod: {rules:?}"
+        );
+        start_container(
+            &mut client,
+            &pod,
+            &config,
+            "server",
+            "mkdir -p /www && echo hi-from-pm > /www/index.html && exec httpd -f -p 8080 -h /www",
+        )
+        .await;
+
+        // The host port, not the pod IP: portmap's DNAT to the pod IP, then
+        // the bridge, the veth and the shim's redirect into the VM.
+        let t = Instant::now();
+        let body = host_get(
+            "127.0.0.1",
+            host_port,
+            Instant::now() + Duration::from_secs(90),
+        );
+        assert!(body.contains("hi-from-pm"), "{body}");
+        eprintln!(
+            "host 127.0.0.1:{host_port} -> pod {ip}:8080: answered in {} ms",
+            t.elapsed().as_millis()
+        );
+
+        client
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+        client
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+        // CNI DEL took portmap's rules with it.
+        let left = iptables_rules_with(&pod);
+        assert!(left.is_empty(), "iptables rules left for {pod}: {left:?}");
     });
 }
