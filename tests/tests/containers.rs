@@ -300,7 +300,11 @@ async fn two_containers_tty_removal_and_bad_specs() {
         // Nothing in the guest still holds the rootfs: the host can delete it.
         std::fs::remove_dir_all(pod.shared.join(id)).unwrap();
     }
-    // The same id can be used again: the removal left nothing behind.
+    // The same id can be used again: the removal left nothing behind. The
+    // host just deleted and is about to recreate `<share>/a` behind the
+    // guest's back; with virtio-fs cache=auto the guest trusts its cached
+    // entries for up to 1 s, so give them that long to expire.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(pod.run("a", &sh("echo again")).await.stdout, "again\n");
 
     // A tty with a window size set before the process looks at it.
