@@ -22,8 +22,8 @@ use anyhow::{bail, Context, Result};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient,
-    ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxPodSandboxConfig,
-    PodSandboxConfig, PodSandboxMetadata,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, KeyValue,
+    LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, StartContainerRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -210,6 +210,42 @@ pub fn busybox_container(name: &str, cmd: &[&str]) -> ContainerConfig {
         labels: HashMap::from([("container".to_string(), name.to_string())]),
         ..Default::default()
     }
+}
+/// The runtime CRI tests drive their calls on: two workers, as the host has two cores.
+pub fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+}
+
+/// CreateContainer + StartContainer of a busybox container running `cmd` in `pod`;
+/// panics naming the step and container (a test helper).
+pub async fn start_container(
+    client: &mut RuntimeClient,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    name: &str,
+    cmd: &[&str],
+) -> String {
+    let id = client
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.to_string(),
+            config: Some(busybox_container(name, cmd)),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+        .into_inner()
+        .container_id;
+    client
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+    id
 }
 
 /// A gRPC channel over containerd's Unix socket (tonic dials a URI; the

@@ -15,13 +15,12 @@ use std::{
 };
 
 use husk_tests::{
-    cri::{busybox_container, CriContainerd, RuntimeClient, HANDLER},
+    cri::{start_container, test_runtime, CriContainerd, RuntimeClient, HANDLER},
     husk_containerd::tail,
 };
 use k8s_cri::v1::{
-    CreateContainerRequest, DnsConfig, ExecSyncRequest, PodSandboxConfig, PodSandboxStatusRequest,
-    PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    DnsConfig, ExecSyncRequest, PodSandboxConfig, PodSandboxStatusRequest, PortMapping, Protocol,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 
 /// The shim's tap in each pod namespace (husk_shim::network::TAP_NAME).
@@ -29,14 +28,6 @@ const TAP: &str = "tap0_husk";
 
 /// One test at a time: each boots VMs under TCG on a 2-core host.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn run_pod(
     client: &mut RuntimeClient,
@@ -68,32 +59,6 @@ async fn pod_ip(client: &mut RuntimeClient, pod: &str) -> String {
         .map(|n| n.ip)
         .filter(|ip| !ip.is_empty())
         .expect("the pod has an IP")
-}
-
-async fn start_container(
-    client: &mut RuntimeClient,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    name: &str,
-    script: &str,
-) -> String {
-    let id = client
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.to_string(),
-            config: Some(busybox_container(name, &["sh", "-c", script])),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-        .into_inner()
-        .container_id;
-    client
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-    id
 }
 
 /// Runs `script` in container `id`; (exit code, stdout, stderr).
@@ -182,7 +147,7 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cri = CriContainerd::start().expect("CRI containerd set-up");
     let before = namespaces_with_tap();
-    runtime().block_on(async {
+    test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
 
         let mut a_config = cri.pod_config("net-a");
@@ -213,7 +178,7 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
             &pod_a,
             &a_config,
             "server",
-            "mkdir -p /www && echo hi-from-a > /www/index.html && exec httpd -f -p 8080 -h /www",
+            &["sh", "-c", "mkdir -p /www && echo hi-from-a > /www/index.html && exec httpd -f -p 8080 -h /www"],
         )
         .await;
         // The guest NIC has the pod IP; the pod's hostname and DNS are there.
@@ -251,7 +216,7 @@ fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
             &pod_b,
             &b_config,
             "client",
-            "trap 'exit 0' TERM; while true; do sleep 1; done",
+            &["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
         )
         .await;
         let t = Instant::now();
@@ -341,7 +306,7 @@ fn husk_pod_port_mapping_reaches_the_vm_from_the_host() {
     let cri = CriContainerd::start().expect("CRI containerd set-up");
     // A host port unique to this process: runs on the host may overlap.
     let host_port = 18080 + (std::process::id() % 1000) as u16;
-    runtime().block_on(async {
+    test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
         let mut config = cri.pod_config("net-pm");
         config.port_mappings = vec![PortMapping {
@@ -367,7 +332,7 @@ fn husk_pod_port_mapping_reaches_the_vm_from_the_host() {
             &pod,
             &config,
             "server",
-            "mkdir -p /www && echo hi-from-pm > /www/index.html && exec httpd -f -p 8080 -h /www",
+            &["sh", "-c", "mkdir -p /www && echo hi-from-pm > /www/index.html && exec httpd -f -p 8080 -h /www"],
         )
         .await;
 

@@ -9,14 +9,16 @@ use std::{
 };
 
 use husk_tests::{
-    cri::{busybox_container, exec_stream, CriContainerd, RuntimeClient, BAD_HANDLER, HANDLER},
+    cri::{
+        exec_stream, start_container, test_runtime, CriContainerd, RuntimeClient, BAD_HANDLER,
+        HANDLER,
+    },
     husk_containerd::{mounts_under, processes_matching, tail},
 };
 use k8s_cri::v1::{
-    ContainerStatsRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse,
-    PodSandboxConfig, PodSandboxStatsRequest, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    ContainerStatsRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse, PodSandboxConfig,
+    PodSandboxStatsRequest, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 
 /// One test at a time: each boots VMs under TCG on a 2-core host.
@@ -33,14 +35,6 @@ fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, CriContainer
         guard,
         CriContainerd::start().expect("CRI containerd set-up"),
     ))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The processes of pod VM `id`: its shim, QEMU and husk-vmm backends.
@@ -98,32 +92,6 @@ async fn run_pod(
         })
         .await?;
     Ok(resp.into_inner().pod_sandbox_id)
-}
-
-async fn start_container(
-    client: &mut RuntimeClient,
-    pod: &str,
-    pod_config: &PodSandboxConfig,
-    name: &str,
-    cmd: &[&str],
-) -> String {
-    let id = client
-        .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.to_string(),
-            config: Some(busybox_container(name, cmd)),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
-        .into_inner()
-        .container_id;
-    client
-        .start_container(StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
-    id
 }
 
 async fn exec_sync(
@@ -205,7 +173,7 @@ fn pod_with_two_containers_through_cri() {
     let Some((_g, cri)) = setup("pod_with_two_containers_through_cri") else {
         return;
     };
-    let pod = runtime().block_on(async {
+    let pod = test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
         let pod_config = cri.pod_config("web");
 
@@ -414,7 +382,7 @@ fn sandbox_with_bad_config_is_rejected() {
     let Some((_g, cri)) = setup("sandbox_with_bad_config_is_rejected") else {
         return;
     };
-    runtime().block_on(async {
+    test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
         let err = run_pod(&mut client, cri.pod_config("bad"), BAD_HANDLER)
             .await
@@ -445,7 +413,7 @@ fn pods_in_a_loop_leave_nothing_behind() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    runtime().block_on(async {
+    test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
         let mut times = Vec::new();
         for i in 0..n {
