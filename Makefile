@@ -17,7 +17,7 @@ GUEST_DIR := $(CURDIR)/target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 
-.PHONY: all setup guest kernel agent initrd build test bench bench-shim bench-cri bench-net lint demo install clean-guest
+.PHONY: nested-host all setup guest kernel agent initrd build test bench bench-shim bench-cri bench-net lint demo install clean-guest
 
 all: guest build
 
@@ -37,7 +37,12 @@ initrd: agent
 	strip -o $(GUEST_DIR)/husk-agent $(AGENT_BIN)
 	$(CARGO) run --release -q -p husk-images --bin husk-mkinitrd -- --agent $(GUEST_DIR)/husk-agent --out $(GUEST_DIR)/initrd.img
 
-guest: kernel initrd
+# Debian's stock kernel and its KVM modules: the emulated SVM host in which husk-vmm's
+# boot test runs where the real /dev/kvm cannot run Linux (vmm/tests/nested_svm).
+nested-host:
+	bash kernel-config/fetch-nested-host.sh $(GUEST_DIR)
+
+guest: kernel initrd nested-host
 
 build:
 	$(CARGO) build -p husk-vmm -p husk-shim

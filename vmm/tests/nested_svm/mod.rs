@@ -1,0 +1,305 @@
+//! A KVM host made of software, for hosts whose own /dev/kvm cannot run Linux.
+//!
+//! QEMU's TCG emulates AMD's SVM (with nested paging), so a Debian kernel booted in QEMU TCG
+//! with an emulated EPYC CPU loads kvm_amd and gets a /dev/kvm on which a stock Linux guest
+//! runs. This module boots such a machine with an initramfs holding husk-vmm, husk's guest,
+//! and this very test binary, and runs one test of the binary in there. Everything inside is
+//! emulated, so it is slow (tens of seconds), but it is husk-vmm driving real KVM ioctls to
+//! boot a real kernel, which no PVM host can offer.
+//!
+//! The nested host's kernel and KVM modules come from `kernel-config/fetch-nested-host.sh`
+//! (`make guest` runs it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_images::cpio::{self, Entry};
+
+/// Where the emulated host prints `husk-nested: exit=<status>` once the inner test is done.
+const EXIT_MARK: &str = "husk-nested: exit=";
+
+pub struct NestedRun {
+    /// Everything the nested host's serial console printed.
+    pub console: String,
+    /// The inner test's exit status, if the nested host got that far.
+    pub exit: Option<i32>,
+    pub elapsed: Duration,
+}
+
+/// The files of the nested host's kernel (see the module doc).
+pub struct NestedHost {
+    pub vmlinuz: PathBuf,
+    /// Modules in load order.
+    pub modules: Vec<PathBuf>,
+}
+
+impl NestedHost {
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let order = dir.join("modules.order");
+        let text = std::fs::read_to_string(&order).map_err(|e| {
+            format!(
+                "{}: {e}; fetch the nested host kernel with `make guest` or \
+                 kernel-config/fetch-nested-host.sh",
+                order.display()
+            )
+        })?;
+        let modules = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|m| dir.join("modules").join(format!("{}.ko", m.trim())))
+            .collect::<Vec<_>>();
+        let vmlinuz = dir.join("vmlinuz");
+        for p in modules.iter().chain([&vmlinuz]) {
+            if !p.is_file() {
+                return Err(format!("{} missing", p.display()));
+            }
+        }
+        Ok(Self { vmlinuz, modules })
+    }
+}
+
+/// What goes into the nested host besides busybox and the modules.
+pub struct Payload<'a> {
+    pub husk_vmm: &'a Path,
+    pub guest_kernel: &'a Path,
+    pub guest_initrd: &'a Path,
+    /// Arguments for this test binary inside the nested host.
+    pub test_args: &'a [&'a str],
+}
+
+/// Boots the nested host in QEMU TCG and runs this test binary there with `payload.test_args`.
+pub fn run(
+    host: &NestedHost,
+    payload: &Payload,
+    work: &Path,
+    deadline: Duration,
+) -> Result<NestedRun, String> {
+    let initramfs = work.join("nested-host.cpio");
+    build_initramfs(host, payload, work, &initramfs)?;
+    let console = work.join("nested-console.log");
+    let started = Instant::now();
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-M", "q35", "-accel", "tcg", "-smp", "2", "-m", "1024"])
+        // An AMD model: kvm_amd refuses other vendors. TCG lacks some of EPYC's features and
+        // says so on stderr; SVM and nested paging are among those it has.
+        .args(["-cpu", "EPYC,+svm"])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&host.vmlinuz)
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+    let status = loop {
+        match qemu.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if started.elapsed() > deadline => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => return Err(format!("waiting for QEMU: {e}")),
+        }
+    };
+    let elapsed = started.elapsed();
+    let console =
+        String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
+    let exit = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(EXIT_MARK))
+        .and_then(|s| s.trim().parse().ok());
+    if status.is_none() {
+        return Err(format!(
+            "nested host still running after {deadline:?}; killed\n--- its console ---\n{}",
+            tail(&console)
+        ));
+    }
+    Ok(NestedRun {
+        console,
+        exit,
+        elapsed,
+    })
+}
+
+pub fn tail(s: &str) -> &str {
+    let mut start = s.len().saturating_sub(6000);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn build_initramfs(
+    host: &NestedHost,
+    payload: &Payload,
+    work: &Path,
+    out: &Path,
+) -> Result<(), String> {
+    let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let dir = |p: &str| Entry::Dir {
+        path: p.into(),
+        mode: 0o755,
+    };
+    let mut entries = vec![
+        dir("bin"),
+        dir("dev"),
+        Entry::CharDev {
+            path: "dev/console".into(),
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        dir("proc"),
+        dir("sys"),
+        dir("tmp"),
+        dir("guest"),
+        dir("modules"),
+    ];
+    entries.push(file(
+        "bin/busybox",
+        &read(Path::new("/bin/busybox"))?,
+        0o755,
+    ));
+    for applet in ["sh", "mount", "insmod", "poweroff", "cat"] {
+        entries.push(Entry::Symlink {
+            path: format!("bin/{applet}"),
+            target: "busybox".into(),
+        });
+    }
+    let mut libs = Vec::new();
+    for (name, bin) in [("husk-vmm", payload.husk_vmm), ("husk-test", me.as_path())] {
+        entries.push(file(&format!("bin/{name}"), &stripped(bin, work)?, 0o755));
+        for lib in shared_libraries(bin)? {
+            if !libs.contains(&lib) {
+                libs.push(lib);
+            }
+        }
+    }
+    let mut lib_dirs: Vec<String> = Vec::new();
+    for lib in &libs {
+        let rel = lib
+            .strip_prefix("/")
+            .map_err(|_| format!("library path {} is not absolute", lib.display()))?;
+        let mut parent = rel.parent();
+        let mut new_dirs = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            let s = p.to_string_lossy().into_owned();
+            if !lib_dirs.contains(&s) {
+                lib_dirs.push(s.clone());
+                new_dirs.push(s);
+            }
+            parent = p.parent();
+        }
+        new_dirs.reverse();
+        entries.extend(new_dirs.iter().map(|d| dir(d)));
+        // Follow symlinks: the loader asks for the soname, the archive holds the file there.
+        entries.push(file(&rel.to_string_lossy(), &read(lib)?, 0o755));
+    }
+    entries.push(file("guest/vmlinux", &read(payload.guest_kernel)?, 0o644));
+    entries.push(file(
+        "guest/initrd.img",
+        &read(payload.guest_initrd)?,
+        0o644,
+    ));
+    let mut insmods = String::new();
+    for m in &host.modules {
+        let name = m
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{}: no file name", m.display()))?;
+        entries.push(file(&format!("modules/{name}"), &read(m)?, 0o644));
+        insmods.push_str(&format!(
+            "insmod /modules/{name} || echo \"husk-nested: insmod {name} failed\"\n"
+        ));
+    }
+    let args = payload
+        .test_args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let init = format!(
+        "#!/bin/sh\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp\n\
+         {insmods}\
+         echo \"husk-nested: $(busybox grep -c -w svm /proc/cpuinfo) vCPUs with svm\"\n\
+         HUSK_GUEST_DIR=/guest HUSK_VMM_BIN=/bin/husk-vmm RUST_BACKTRACE=1 \
+         /bin/husk-test {args} --nocapture --test-threads=1\n\
+         echo \"{EXIT_MARK}$?\"\n\
+         poweroff -f\n"
+    );
+    entries.push(file("init", init.as_bytes(), 0o755));
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(out).map_err(|e| format!("creating {}: {e}", out.display()))?,
+    );
+    cpio::write_archive(&mut f, &entries).map_err(|e| format!("writing initramfs: {e}"))?;
+    std::io::Write::flush(&mut f).map_err(|e| format!("writing initramfs: {e}"))?;
+    Ok(())
+}
+
+fn file(path: &str, data: &[u8], mode: u32) -> Entry {
+    Entry::File {
+        path: path.into(),
+        mode,
+        data: data.to_vec(),
+    }
+}
+
+fn read(p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))
+}
+
+/// The binary without debug info when `strip` is there (a debug test binary is mostly
+/// DWARF, which the emulated machine would unpack for nothing), else as it is.
+fn stripped(bin: &Path, work: &Path) -> Result<Vec<u8>, String> {
+    let name = bin
+        .file_name()
+        .ok_or_else(|| format!("{}: no file name", bin.display()))?;
+    let out = work.join(name).with_extension("stripped");
+    match Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => read(&out),
+        _ => read(bin),
+    }
+}
+
+/// The shared libraries `ldd` says the binary loads (none for a static binary).
+fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .map_err(|e| format!("running ldd: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // "not a dynamic executable"
+        return Ok(Vec::new());
+    }
+    // Lines: "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)",
+    // "linux-vdso.so.1 (0x...)" (in the kernel, nothing to copy).
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rhs)) => rhs.split_whitespace().next(),
+                None => l.split_whitespace().next(),
+            }?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
