@@ -64,6 +64,10 @@ pub struct Payload<'a> {
     pub husk_vmm: &'a Path,
     pub guest_kernel: &'a Path,
     pub guest_initrd: &'a Path,
+    /// More files for `/guest/<name>`.
+    pub extra_guest_files: &'a [(&'a str, &'a Path)],
+    /// Environment for the test binary inside the nested host.
+    pub test_env: &'a [(&'a str, &'a str)],
     /// Arguments for this test binary inside the nested host.
     pub test_args: &'a [&'a str],
 }
@@ -208,6 +212,14 @@ fn build_initramfs(
         &read(payload.guest_initrd)?,
         0o644,
     ));
+    for (name, path) in payload.extra_guest_files {
+        entries.push(file(&format!("guest/{name}"), &read(path)?, 0o644));
+    }
+    let env: String = payload
+        .test_env
+        .iter()
+        .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
+        .collect();
     let mut insmods = String::new();
     for m in &host.modules {
         let name = m
@@ -222,7 +234,7 @@ fn build_initramfs(
     let args = payload
         .test_args
         .iter()
-        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .map(|a| shell_quote(a))
         .collect::<Vec<_>>()
         .join(" ");
     let init = format!(
@@ -233,7 +245,7 @@ fn build_initramfs(
          mount -t tmpfs tmp /tmp\n\
          {insmods}\
          echo \"husk-nested: $(busybox grep -c -w svm /proc/cpuinfo) vCPUs with svm\"\n\
-         HUSK_GUEST_DIR=/guest HUSK_VMM_BIN=/bin/husk-vmm RUST_BACKTRACE=1 \
+         HUSK_GUEST_DIR=/guest HUSK_VMM_BIN=/bin/husk-vmm RUST_BACKTRACE=1 {env}\
          /bin/husk-test {args} --nocapture --test-threads=1\n\
          echo \"{EXIT_MARK}$?\"\n\
          poweroff -f\n"
@@ -245,6 +257,10 @@ fn build_initramfs(
     cpio::write_archive(&mut f, &entries).map_err(|e| format!("writing initramfs: {e}"))?;
     std::io::Write::flush(&mut f).map_err(|e| format!("writing initramfs: {e}"))?;
     Ok(())
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 fn file(path: &str, data: &[u8], mode: u32) -> Entry {
