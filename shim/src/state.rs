@@ -58,6 +58,9 @@ pub struct SandboxState {
     pub shim: ProcessRef,
     /// QEMU and the husk-vmm device backends.
     pub vm: Vec<ProcessRef>,
+    /// The VM's host cgroup directories, removed once its processes are gone.
+    #[serde(default)]
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl SandboxState {
@@ -113,6 +116,7 @@ pub fn cleanup_sandbox(sandbox_id: &str) -> io::Result<Cleanup> {
             for p in &state.vm {
                 kill_and_wait(p);
             }
+            crate::hypervisor::cgroup::remove_dirs(&state.cgroups);
         }
         // No state file: the shim died before the VM was started (or wrote
         // it); there are no VM processes to find, only mounts and files.
@@ -212,11 +216,20 @@ mod tests {
             sandbox_id: "sb".into(),
             shim: ProcessRef::of(std::process::id()).unwrap(),
             vm: vec![],
+            cgroups: vec![PathBuf::from("/sys/fs/cgroup/memory/pod/sb")],
         };
         s.write(dir.path()).unwrap();
         let r = SandboxState::read(dir.path()).unwrap();
         assert_eq!(r.sandbox_id, "sb");
         assert_eq!(r.shim, s.shim);
+        assert_eq!(r.cgroups, s.cgroups);
+        // A state file written before cgroups were recorded still reads.
+        std::fs::write(
+            dir.path().join("state.json"),
+            serde_json::json!({"sandbox_id": "old", "shim": s.shim, "vm": []}).to_string(),
+        )
+        .unwrap();
+        assert!(SandboxState::read(dir.path()).unwrap().cgroups.is_empty());
     }
 
     #[test]

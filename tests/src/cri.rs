@@ -189,6 +189,57 @@ impl Drop for CriContainerd {
     }
 }
 
+/// The pod-level cgroup kubelet (cgroupfs driver) makes before RunPodSandbox
+/// and passes as `linux.cgroup_parent`; CRI reads PodSandboxStats from it.
+/// Removed on drop, as kubelet does once the pod is gone.
+pub struct KubeletPodCgroup {
+    /// The `cgroup_parent` value: `/<name>`.
+    pub parent: String,
+    dirs: Vec<PathBuf>,
+}
+
+impl KubeletPodCgroup {
+    /// `name`: a relative path such as `husk-test-1/pod-web`.
+    pub fn create(name: &str) -> Result<Self> {
+        let roots = husk_shim::hypervisor::cgroup::hierarchy_roots()?;
+        let mut cg = KubeletPodCgroup {
+            parent: format!("/{name}"),
+            dirs: Vec::new(),
+        };
+        for root in roots {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Deepest first, for removal.
+            let mut d = dir.as_path();
+            while d != root {
+                cg.dirs.push(d.to_path_buf());
+                d = d.parent().context("cgroup path outside its hierarchy")?;
+            }
+        }
+        Ok(cg)
+    }
+
+    /// `<hierarchy>/<parent>/<child>` in every hierarchy.
+    pub fn child_dirs(&self, child: &str) -> Vec<PathBuf> {
+        let leaf = self.parent.trim_start_matches('/');
+        self.dirs
+            .iter()
+            .filter(|d| d.ends_with(leaf))
+            .map(|d| d.join(child))
+            .collect()
+    }
+}
+
+impl Drop for KubeletPodCgroup {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            if let Err(e) = std::fs::remove_dir(dir) {
+                eprintln!("removing test cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
 /// A container config for the busybox image, logging to `<name>.log` in the
 /// pod's log directory.
 pub fn busybox_container(name: &str, cmd: &[&str]) -> ContainerConfig {

@@ -10,8 +10,8 @@ use std::{
 
 use husk_tests::{
     cri::{
-        exec_stream, start_container, test_runtime, CriContainerd, RuntimeClient, BAD_HANDLER,
-        HANDLER,
+        exec_stream, start_container, test_runtime, CriContainerd, KubeletPodCgroup, RuntimeClient,
+        BAD_HANDLER, HANDLER,
     },
     husk_containerd::{mounts_under, processes_matching, tail},
 };
@@ -173,9 +173,16 @@ fn pod_with_two_containers_through_cri() {
     let Some((_g, cri)) = setup("pod_with_two_containers_through_cri") else {
         return;
     };
-    let pod = test_runtime().block_on(async {
+    let (pod, pod_cgroup) = test_runtime().block_on(async {
         let mut client = cri.runtime().await.unwrap();
-        let pod_config = cri.pod_config("web");
+        let mut pod_config = cri.pod_config("web");
+        // As kubelet does: a pod cgroup, which CRI reads PodSandboxStats from.
+        let pod_cgroup =
+            KubeletPodCgroup::create(&format!("husk-test-{}/pod-web", std::process::id()))
+                .expect("pod cgroup");
+        if let Some(linux) = pod_config.linux.as_mut() {
+            linux.cgroup_parent = pod_cgroup.parent.clone();
+        }
 
         let t0 = Instant::now();
         let pod = run_pod(&mut client, pod_config.clone(), HANDLER)
@@ -197,6 +204,17 @@ fn pod_with_two_containers_through_cri() {
         );
         let (shims, qemu, _) = vm_processes(&pod);
         assert_eq!((shims.len(), qemu.len()), (1, 1), "one shim and one VM");
+        // The VM's processes run in the sandbox's cgroup under the pod's.
+        let (_, _, backends) = vm_processes(&pod);
+        let want = format!("{}/{pod}", pod_cgroup.parent);
+        for pid in qemu.iter().chain(&backends) {
+            let cgroups =
+                std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            assert!(
+                cgroups.lines().any(|l| l.ends_with(&want)),
+                "VM process {pid} is not in {want}:\n{cgroups}"
+            );
+        }
 
         let c1_script = format!("echo hello-from-c1; echo oops >&2; {IDLE}");
         let c1 = start_container(
@@ -353,26 +371,46 @@ fn pod_with_two_containers_through_cri() {
         eprintln!("ContainerStats c1: cpu {cpu:?} ns, working set {mem:?} bytes");
         assert!(cpu.is_some_and(|v| v > 0), "cpu {cpu:?}");
         assert!(mem.is_some_and(|v| v > 0), "memory {mem:?}");
-        match client
+        // Pod stats: containerd reads the pod's host cgroup, where the VM runs,
+        // so they show what the pod costs the host (guest memory included).
+        let stats = client
             .pod_sandbox_stats(PodSandboxStatsRequest {
                 pod_sandbox_id: pod.clone(),
             })
             .await
-        {
-            Ok(r) => eprintln!("PodSandboxStats: {:?}", r.into_inner().stats),
-            // containerd 1.6 reads pod stats from the pod's host cgroup,
-            // which a VM pod does not have.
-            Err(e) => eprintln!(
-                "PodSandboxStats not available: {} {}",
-                e.code(),
-                e.message()
-            ),
-        }
+            .unwrap_or_else(|e| panic!("PodSandboxStats: {e}"))
+            .into_inner()
+            .stats
+            .and_then(|s| s.linux)
+            .expect("linux pod stats");
+        let pod_cpu = stats
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map(|v| v.value);
+        let pod_mem = stats
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map(|v| v.value);
+        eprintln!("PodSandboxStats: cpu {pod_cpu:?} ns, working set {pod_mem:?} bytes");
+        // Booting the guest alone takes far more than a second of CPU (TCG) or
+        // touches tens of MiB of guest memory (either accelerator).
+        assert!(
+            pod_cpu.is_some_and(|v| v > 100_000_000),
+            "pod cpu {pod_cpu:?}"
+        );
+        assert!(
+            pod_mem.is_some_and(|v| v > 32 << 20),
+            "pod memory {pod_mem:?}"
+        );
 
         stop_and_remove(&mut client, &pod, &[&c1, &c2]).await;
-        pod
+        (pod, pod_cgroup)
     });
     wait_gone(&cri, &pod);
+    for dir in pod_cgroup.child_dirs(&pod) {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+    drop(pod_cgroup);
     let logs = std::fs::read_dir(cri.log_root.join("web")).unwrap().count();
     assert_eq!(logs, 2, "both containers' logs stay after removal");
 }
@@ -418,7 +456,13 @@ fn pods_in_a_loop_leave_nothing_behind() {
         let mut times = Vec::new();
         for i in 0..n {
             let name = format!("loop{i}");
-            let config = cri.pod_config(&name);
+            let mut config = cri.pod_config(&name);
+            let pod_cgroup =
+                KubeletPodCgroup::create(&format!("husk-test-{}/pod-{name}", std::process::id()))
+                    .expect("pod cgroup");
+            if let Some(linux) = config.linux.as_mut() {
+                linux.cgroup_parent = pod_cgroup.parent.clone();
+            }
             let t0 = Instant::now();
             let pod = run_pod(&mut client, config.clone(), HANDLER)
                 .await
@@ -430,6 +474,9 @@ fn pods_in_a_loop_leave_nothing_behind() {
             assert_eq!(out(&mut client, &c, "hostname").await, name);
             stop_and_remove(&mut client, &pod, &[&c]).await;
             wait_gone(&cri, &pod);
+            for dir in pod_cgroup.child_dirs(&pod) {
+                assert!(!dir.exists(), "{} left behind", dir.display());
+            }
         }
         let ms: Vec<u128> = times.iter().map(Duration::as_millis).collect();
         eprintln!("RunPodSandbox to ready, {n} pods: {ms:?} ms");

@@ -6,6 +6,7 @@
 //! ([`detect`]) and with TCG emulation otherwise. husk-vmm running the whole
 //! VM itself is the other backend that joins here.
 
+pub mod cgroup;
 pub mod detect;
 mod pod_vm;
 pub mod qemu;
@@ -59,6 +60,9 @@ pub struct VmSpec {
     pub share: Option<Share>,
     /// The pod's NIC: a tap QEMU drives as a virtio-net device.
     pub network: Option<NetDevice>,
+    /// The host cgroup the VM's processes run in (the sandbox container's OCI
+    /// `linux.cgroupsPath`), created by the launch and removed at teardown.
+    pub cgroups_path: Option<String>,
 }
 
 /// A virtio-net device backed by a tap the caller opened (in the pod's
@@ -107,6 +111,7 @@ impl VmSpec {
             agent_log_port: Some(DEFAULT_AGENT_LOG_PORT),
             share: None,
             network: None,
+            cgroups_path: None,
         }
     }
 }

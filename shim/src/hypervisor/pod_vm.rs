@@ -23,7 +23,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{detect, qemu, Accel, AccelChoice, VmSpec};
+use super::{
+    cgroup::{self, CgroupError, PodCgroup},
+    detect, qemu, Accel, AccelChoice, VmSpec,
+};
 use crate::agent_client::{AgentClient, AgentError};
 
 /// How much of a log an error message quotes.
@@ -64,6 +67,8 @@ pub enum LaunchError {
     },
     #[error("watching VM processes: {0}")]
     Wait(io::Error),
+    #[error("the pod's host cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
 }
 
 /// Host-side timestamps of a launch, from the start of [`PodVm::launch`].
@@ -120,6 +125,8 @@ pub struct PodVm {
     log_task: Option<JoinHandle<()>>,
     agent: Option<AgentClient>,
     timings: LaunchTimings,
+    /// Where QEMU and the backends run on the host; removed after they are gone.
+    cgroup: Option<PodCgroup>,
 }
 
 impl PodVm {
@@ -152,7 +159,11 @@ impl PodVm {
             log_task: None,
             agent: None,
             timings: LaunchTimings::default(),
+            cgroup: None,
         };
+        if let Some(path) = &vm.spec.cgroups_path {
+            vm.cgroup = Some(PodCgroup::create(path)?);
+        }
         // On any error below, dropping `vm` kills what was started and removes
         // the state directory.
         vm.start_backends().await?;
@@ -200,6 +211,14 @@ impl PodVm {
             .chain(self.backends.iter().map(|b| &b.child))
             .filter_map(|c| c.id())
             .collect()
+    }
+
+    /// The VM's host cgroup directories (one per v1 hierarchy, or one in v2).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup
+            .as_ref()
+            .map(|c| c.dirs().to_vec())
+            .unwrap_or_default()
     }
 
     /// The connection made during launch. Open more with [`PodVm::connect_agent`].
@@ -276,7 +295,17 @@ impl PodVm {
         if let Some(t) = self.log_task.take() {
             t.abort();
         }
+        self.remove_cgroup();
         remove_state_dir(&self.paths.dir);
+    }
+
+    /// Once every VM process is reaped.
+    fn remove_cgroup(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let dirs = cg.dirs().to_vec();
+            drop(cg);
+            cgroup::remove_dirs(&dirs);
+        }
     }
 
     /// Starts one husk-vmm per vhost-user device and waits until each listens.
@@ -322,7 +351,7 @@ impl PodVm {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().map_err(|e| state_err(&log_path, e))?)
                 .stderr(log);
-            let child = spawn(cmd, what, &self.spec.vmm_binary)?;
+            let child = spawn(cmd, what, &self.spec.vmm_binary, self.cgroup_fds())?;
             self.backends.push(Backend {
                 what,
                 child,
@@ -355,6 +384,13 @@ impl PodVm {
             }
         }
         Ok(())
+    }
+
+    fn cgroup_fds(&self) -> Vec<i32> {
+        self.cgroup
+            .as_ref()
+            .map(PodCgroup::procs_fds)
+            .unwrap_or_default()
     }
 
     fn start_qemu(&mut self) -> Result<(), LaunchError> {
@@ -397,7 +433,12 @@ impl PodVm {
             }
         }
         debug!(id = %self.spec.id, ?cmd, "starting QEMU");
-        self.qemu = Some(spawn(cmd, "QEMU", &self.spec.qemu_binary)?);
+        self.qemu = Some(spawn(
+            cmd,
+            "QEMU",
+            &self.spec.qemu_binary,
+            self.cgroup_fds(),
+        )?);
         Ok(())
     }
 
@@ -549,6 +590,7 @@ impl Drop for PodVm {
         if let Some(t) = self.log_task.take() {
             t.abort();
         }
+        self.remove_cgroup();
         remove_state_dir(&self.paths.dir);
     }
 }
@@ -620,16 +662,23 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
     Ok(())
 }
 
-fn spawn(mut cmd: Command, what: &'static str, binary: &Path) -> Result<Child, LaunchError> {
+/// `cgroup_fds`: the pod cgroup's `cgroup.procs` files, joined before exec.
+fn spawn(
+    mut cmd: Command,
+    what: &'static str,
+    binary: &Path,
+    cgroup_fds: Vec<i32>,
+) -> Result<Child, LaunchError> {
     cmd.kill_on_drop(true);
     // If the process that launched the VM dies without cleaning up (crash,
     // SIGKILL), the kernel ends the VM's processes too.
+    // SAFETY: prctl(2) and join_self's write(2) are async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            cgroup::join_self(&cgroup_fds)
         });
     }
     cmd.spawn().map_err(|source| LaunchError::Spawn {

@@ -76,11 +76,13 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boots the pod VM and sets the sandbox up in the guest.
     /// `netns`: the pod's network namespace (CRI's, with the CNI interface
-    /// in it), whose network the VM takes over.
+    /// in it), whose network the VM takes over. `cgroups_path`: the sandbox
+    /// container's OCI `linux.cgroupsPath`, where the VM's processes run.
     pub async fn boot(
         id: &str,
         hostname: &str,
         netns: Option<&Path>,
+        cgroups_path: Option<&str>,
         config: &Config,
         events: Events,
     ) -> Result<Sandbox, SandboxError> {
@@ -121,7 +123,17 @@ impl Sandbox {
             source,
         })?;
         // From here on, a failure must not leave the directory behind.
-        let result = Self::launch(id, hostname, netns, config, &dir, &shared, events).await;
+        let result = Self::launch(
+            id,
+            hostname,
+            netns,
+            cgroups_path,
+            config,
+            &dir,
+            &shared,
+            events,
+        )
+        .await;
         match result {
             Ok(mut sb) => {
                 sb.timings.sandbox_ready = start.elapsed();
@@ -135,10 +147,12 @@ impl Sandbox {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         id: &str,
         hostname: &str,
         netns: Option<&Path>,
+        cgroups_path: Option<&str>,
         config: &Config,
         dir: &Path,
         shared: &Path,
@@ -158,6 +172,7 @@ impl Sandbox {
         spec.vmm_binary = config.vmm_binary().map_err(SandboxError::Config)?;
         spec.boot_timeout = config.boot_timeout;
         spec.extra_cmdline = config.kernel_params.clone();
+        spec.cgroups_path = cgroups_path.map(str::to_string);
         spec.share = Some(Share {
             dir: shared.to_path_buf(),
             tag: SHARE_TAG.into(),
@@ -187,6 +202,7 @@ impl Sandbox {
                 SandboxError::Config("cannot read the shim's own /proc entry".into())
             })?,
             vm: vm.pids().into_iter().filter_map(ProcessRef::of).collect(),
+            cgroups: vm.cgroup_dirs(),
         };
         st.write(dir).map_err(|source| SandboxError::Dir {
             path: dir.to_path_buf(),

@@ -82,13 +82,19 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
             } else {
                 bundle.hostname.as_str()
             };
-            let netns = serde_json::from_slice(&bundle.spec_json)
-                .ok()
-                .and_then(|v| crate::network::netns_path_of(&v));
+            let spec: Option<serde_json::Value> = serde_json::from_slice(&bundle.spec_json).ok();
+            let netns = spec.as_ref().and_then(crate::network::netns_path_of);
+            // Set by CRI when kubelet gives the pod a cgroup (cgroup_parent).
+            let cgroups_path = spec
+                .as_ref()
+                .and_then(|v| v.pointer("/linux/cgroupsPath"))
+                .and_then(serde_json::Value::as_str)
+                .filter(|p| !p.is_empty());
             let sandbox = Sandbox::boot(
                 sb,
                 hostname,
                 netns.as_deref(),
+                cgroups_path,
                 &config,
                 inner.events.clone(),
             )

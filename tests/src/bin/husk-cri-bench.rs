@@ -18,10 +18,24 @@
 //!   backends; runc: pause and the container), also per kind of process.
 //!   husk's pods use the node's shim configuration (`scripts/install.sh`:
 //!   1 vCPU, `memory_mib` 256; `HUSK_CRI_BENCH_MEMORY_MIB` changes it).
+//! - cri_idle_pod_*_cpu: CPU the same idle pod's processes use over the next
+//!   `HUSK_CRI_BENCH_CPU_SECS` (default 10) seconds, in millicores.
+//! - cri_idle_pod_*_anon: RssAnon of the pod's processes: memory the host
+//!   cannot reclaim without swap, apart from the guest RAM (a memfd, counted
+//!   as RssShmem). File pages (binaries, libraries) are left out: the host
+//!   reclaims them under pressure, and they are mostly shared between pods.
+//! - cri_runtimeclass_overhead_memory_idle: husk's idle pod minus runc's
+//!   (RSS, the larger and so the safer of the two), rounded up to 16 MiB.
 //! - cri_runtimeclass_overhead_memory: the RuntimeClass
-//!   `overhead.podFixed.memory` these numbers call for: husk's idle pod minus
-//!   runc's (RSS, the larger and so the safer of the two), rounded up to
-//!   16 MiB.
+//!   `overhead.podFixed.memory` these numbers call for. The VM runs in the
+//!   pod's host cgroup, whose limit kubelet sets to the containers' limits
+//!   plus this overhead; the guest may fill all its RAM (page cache), which
+//!   the host cannot reclaim (no swap, no balloon yet), so the overhead covers
+//!   the whole guest RAM plus the pod's processes' anonymous memory, minus
+//!   runc's pod's, rounded up to 16 MiB: a pod is not OOM-killed on the host
+//!   for its guest using the RAM it was given.
+//! - cri_runtimeclass_overhead_cpu: husk's idle pod CPU minus runc's, rounded
+//!   up to 10 millicores (at least 10).
 //!
 //! Every pod is stopped and removed, and its shim waited for, before the
 //! next; every CRI call and wait has a deadline.
@@ -306,13 +320,30 @@ impl Kubelet<'_> {
         name: &str,
         handler: &str,
         settle: Duration,
+        cpu_window: Duration,
     ) -> Result<PodMemory> {
         let mut pod = self.run_pod(name, handler).await?;
         let result = async {
             self.start_container(&mut pod, "idle", &["sleep", "3600"])
                 .await?;
             tokio::time::sleep(settle).await;
-            pod_memory(&pod.id)
+            let mut memory = pod_memory(&pod.id)?;
+            let pids = pod_pids(&pod.id);
+            let before = cpu_ticks(&pids);
+            let t0 = Instant::now();
+            tokio::time::sleep(cpu_window).await;
+            let after = cpu_ticks(&pids);
+            let secs = t0.elapsed().as_secs_f64();
+            // Only processes alive at both ends: a process that ends in the
+            // window is not part of an idle pod's steady cost.
+            let ticks: u64 = after
+                .iter()
+                .filter_map(|(pid, a)| before.get(pid).map(|b| a.saturating_sub(*b)))
+                .sum();
+            // SAFETY: sysconf has no preconditions.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+            memory.idle_millicores = ticks as f64 / hz / secs * 1000.0;
+            Ok::<_, anyhow::Error>(memory)
         }
         .await;
         let left = self.remove(&pod).await;
@@ -423,6 +454,10 @@ fn kib_field(text: &str, key: &str) -> f64 {
 struct PodMemory {
     /// kind -> (processes, RSS KiB, PSS KiB)
     kinds: BTreeMap<String, (usize, f64, f64)>,
+    /// RssAnon, KiB: without the guest RAM's shared memory or file pages.
+    anon_kib: f64,
+    /// CPU used while idle, millicores (see `idle_pod`).
+    idle_millicores: f64,
 }
 
 impl PodMemory {
@@ -462,8 +497,34 @@ fn pod_memory(sandbox_id: &str) -> Result<PodMemory> {
         e.0 += 1;
         e.1 += kib_field(&status, "VmRSS:");
         e.2 += kib_field(&rollup, "Pss:");
+        memory.anon_kib += kib_field(&status, "RssAnon:");
     }
     Ok(memory)
+}
+
+/// The pod's processes: its shim and everything below it.
+fn pod_pids(sandbox_id: &str) -> BTreeSet<u32> {
+    let mut pids = BTreeSet::new();
+    for shim in shim_pids(sandbox_id) {
+        pids.insert(shim);
+        descendants(shim, &mut pids);
+    }
+    pids
+}
+
+/// utime + stime of each process, in clock ticks.
+fn cpu_ticks(pids: &BTreeSet<u32>) -> BTreeMap<u32, u64> {
+    pids.iter()
+        .filter_map(|&pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the ")" closing the command name start at field 3;
+            // utime and stime are fields 14 and 15.
+            let mut f = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            let utime: u64 = f.next()?.parse().ok()?;
+            let stime: u64 = f.next()?.parse().ok()?;
+            Some((pid, utime + stime))
+        })
+        .collect()
 }
 
 fn print_memory(runtime: &str, m: &PodMemory) {
@@ -475,6 +536,16 @@ fn print_memory(runtime: &str, m: &PodMemory) {
     );
     line(&format!("cri_idle_pod_{runtime}_rss"), rss / 1024.0, "MiB");
     line(&format!("cri_idle_pod_{runtime}_pss"), pss / 1024.0, "MiB");
+    line(
+        &format!("cri_idle_pod_{runtime}_anon"),
+        m.anon_kib / 1024.0,
+        "MiB",
+    );
+    line(
+        &format!("cri_idle_pod_{runtime}_cpu"),
+        m.idle_millicores,
+        "millicores",
+    );
     for (kind, (n, rss, pss)) in &m.kinds {
         line(
             &format!("cri_idle_pod_{runtime}_{kind}_processes"),
@@ -494,7 +565,7 @@ fn print_memory(runtime: &str, m: &PodMemory) {
     }
 }
 
-async fn bench(cri: &CriContainerd) -> Result<()> {
+async fn bench(cri: &CriContainerd, memory_mib: u32) -> Result<()> {
     let runs: usize = env_num("HUSK_CRI_BENCH_RUNS", 5).max(1);
     let settle = Duration::from_secs(env_num("HUSK_CRI_BENCH_SETTLE_SECS", 5));
     let mut k = Kubelet {
@@ -523,8 +594,13 @@ async fn bench(cri: &CriContainerd) -> Result<()> {
         line(&format!("cri_{what}_husk_over_runc"), husk / runc, "x");
     }
 
-    let husk = k.idle_pod_memory("idle-husk", HANDLER, settle).await?;
-    let runc = k.idle_pod_memory("idle-runc", RUNC, settle).await?;
+    let cpu_window = Duration::from_secs(env_num("HUSK_CRI_BENCH_CPU_SECS", 10).max(1));
+    let husk = k
+        .idle_pod_memory("idle-husk", HANDLER, settle, cpu_window)
+        .await?;
+    let runc = k
+        .idle_pod_memory("idle-runc", RUNC, settle, cpu_window)
+        .await?;
     print_memory("husk", &husk);
     print_memory("runc", &runc);
     let (_, husk_rss, husk_pss) = husk.total();
@@ -536,8 +612,22 @@ async fn bench(cri: &CriContainerd) -> Result<()> {
         (husk_pss - runc_pss) / 1024.0,
         "MiB",
     );
-    let overhead = ((rss_diff.max(0.0) / 16.0).ceil() * 16.0).max(16.0);
-    line("cri_runtimeclass_overhead_memory", overhead, "MiB");
+    let round16 = |mib: f64| ((mib.max(0.0) / 16.0).ceil() * 16.0).max(16.0);
+    line(
+        "cri_runtimeclass_overhead_memory_idle",
+        round16(rss_diff),
+        "MiB",
+    );
+    let bound = memory_mib as f64 + (husk.anon_kib - runc.anon_kib) / 1024.0;
+    line("cri_pod_memory_bound_husk_minus_runc", bound, "MiB");
+    line("cri_runtimeclass_overhead_memory", round16(bound), "MiB");
+    let cpu = husk.idle_millicores - runc.idle_millicores;
+    line("cri_idle_pod_husk_minus_runc_cpu", cpu, "millicores");
+    line(
+        "cri_runtimeclass_overhead_cpu",
+        ((cpu.max(0.0) / 10.0).ceil() * 10.0).max(10.0),
+        "millicores",
+    );
     Ok(())
 }
 
@@ -576,7 +666,7 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(bench(&cri));
+    let result = rt.block_on(bench(&cri, memory_mib));
     drop(rt);
     // Whatever a failed step left: CriContainerd's drop stops and removes
     // every pod, then containerd and the bridge go.
