@@ -34,15 +34,24 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum HypervisorKind {
-    /// The best backend the shim can drive on this host. Today that is QEMU
-    /// everywhere (with KVM where it can run a stock guest, TCG otherwise);
-    /// husk-vmm joins once the shim can launch it.
+    /// husk-vmm where the host's KVM can run a stock guest, QEMU with TCG
+    /// emulation elsewhere.
     #[default]
     Auto,
     /// husk-vmm runs the whole VM on KVM.
     HuskVmm,
     /// QEMU `-M microvm` for the vCPUs, husk-vmm's device backends over vhost-user.
     Qemu,
+}
+
+impl From<HypervisorKind> for crate::hypervisor::HypervisorChoice {
+    fn from(k: HypervisorKind) -> Self {
+        match k {
+            HypervisorKind::Auto => Self::Auto,
+            HypervisorKind::HuskVmm => Self::HuskVmm,
+            HypervisorKind::Qemu => Self::Qemu,
+        }
+    }
 }
 
 impl fmt::Display for HypervisorKind {

@@ -5,6 +5,11 @@
 //! `HUSK_GUEST_DIR` (kernel + initrd) and `HUSK_VMM_BIN`; without them the
 //! workspace's `target/` is used. A missing artefact is an error that says how
 //! to build it, never a silent skip.
+//!
+//! `HUSK_HYPERVISOR` (auto, qemu or husk-vmm) picks the test VMs' hypervisor;
+//! auto, the default, is what the shim does: husk-vmm where KVM can run a
+//! stock guest, QEMU with TCG elsewhere. [`nested`] runs tests on husk-vmm
+//! inside an emulated KVM host where the real one cannot.
 
 use std::{
     env,
@@ -13,11 +18,12 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use husk_shim::hypervisor::VmSpec;
+use husk_shim::hypervisor::{HypervisorChoice, VmSpec};
 
 pub mod containerd;
 pub mod cri;
 pub mod husk_containerd;
+pub mod nested;
 pub mod oci_image;
 pub mod oci_spec;
 pub mod pod;
@@ -65,11 +71,22 @@ pub fn vmm_binary() -> Result<PathBuf> {
     bail!("husk-vmm binary not found under target/ (run `cargo build -p husk-vmm`, or set HUSK_VMM_BIN)")
 }
 
+/// `HUSK_HYPERVISOR`, or auto.
+pub fn hypervisor_choice() -> Result<HypervisorChoice> {
+    match env::var("HUSK_HYPERVISOR").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(HypervisorChoice::Auto),
+        Ok("qemu") => Ok(HypervisorChoice::Qemu),
+        Ok("husk-vmm") => Ok(HypervisorChoice::HuskVmm),
+        Ok(other) => bail!("HUSK_HYPERVISOR={other:?}: expected auto, qemu or husk-vmm"),
+    }
+}
+
 /// A spec for a test VM whose state lives in `state_parent/<id>`.
 pub fn vm_spec(id: &str, state_parent: &Path) -> Result<VmSpec> {
     let (kernel, initrd) = guest_artifacts()?;
     let mut spec = VmSpec::new(id, kernel, initrd, state_parent.join(id));
     spec.vmm_binary = vmm_binary()?;
+    spec.hypervisor = hypervisor_choice()?;
     spec.memory_mib = 256;
     spec.vcpus = 1;
     // TCG boots take a few seconds, but a loaded 2-core CI host running

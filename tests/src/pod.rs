@@ -70,8 +70,12 @@ impl Pod {
         build_busybox_rootfs(&self.shared.join(id).join("rootfs")).unwrap()
     }
 
+    /// Creates container `id` from `<share>/<id>/rootfs`, building a busybox
+    /// rootfs there unless the caller put one.
     pub async fn create(&self, id: &str, spec: &Value, terminal: bool) -> Result<u32, AgentError> {
-        self.rootfs(id);
+        if !self.shared.join(id).join("rootfs").exists() {
+            self.rootfs(id);
+        }
         let bytes = serde_json::to_vec(spec).unwrap();
         self.agent
             .create_container(id, &bytes, &format!("{id}/rootfs"), terminal)

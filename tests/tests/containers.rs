@@ -1,7 +1,9 @@
-//! OCI containers inside a real pod VM (QEMU + husk's kernel, initrd and
-//! agent; the rootfs reaches the guest over husk-vmm's virtio-fs), checked for
-//! the behaviour runc gives on a host: output, exit codes, signals, exec,
-//! stdin, tty, users, mounts, capabilities, seccomp, cgroup limits.
+//! OCI containers inside a real pod VM (husk's kernel, initrd and agent; the
+//! rootfs reaches the guest over husk-vmm's virtio-fs), checked for the
+//! behaviour runc gives on a host: output, exit codes, signals, exec, stdin,
+//! tty, users, mounts, capabilities, seccomp, cgroup limits. The VM is the
+//! shim's pick for this host (QEMU TCG here); the last test runs the others
+//! on husk-vmm (in-process virtio-fs) inside an emulated KVM host.
 
 use std::time::Duration;
 
@@ -9,12 +11,36 @@ use husk_shim::agent_client::ExitStatus;
 use husk_tests::{
     oci_spec,
     pod::{sh, Pod, SHARE_IN_GUEST},
+    rootfs::build_busybox_rootfs,
 };
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_behave_as_under_runc() {
     let pod = Pod::boot("procs").await;
+
+    // The shim mounts each container's rootfs under the share after the VM
+    // booted: such a mount must reach the guest (through husk-vmm's jail too).
+    if nix::unistd::geteuid().is_root() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let built = build_busybox_rootfs(&elsewhere.path().join("rootfs")).unwrap();
+        std::fs::write(built.join("late-marker"), "mounted after boot\n").unwrap();
+        let target = pod.shared.join("late").join("rootfs");
+        std::fs::create_dir_all(&target).unwrap();
+        nix::mount::mount(
+            Some(&built),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let out = pod.run("late", &sh("cat /late-marker")).await;
+        nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert_eq!(out.stdout, "mounted after boot\n", "stderr: {}", out.stderr);
+    } else {
+        eprintln!("SKIPPED the rootfs mounted after boot: needs root to mount");
+    }
 
     let out = pod.run("echo", &sh("echo out; echo err >&2; exit 7")).await;
     assert_eq!(out.stdout, "out\n");
@@ -341,4 +367,25 @@ async fn two_containers_tty_removal_and_bad_specs() {
         "still fine\n"
     );
     pod.shutdown().await;
+}
+
+/// The tests above on husk-vmm, where this host cannot run them there itself.
+#[test]
+fn containers_on_husk_vmm_in_an_emulated_kvm_host() {
+    const NAME: &str = "containers_on_husk_vmm_in_an_emulated_kvm_host";
+    if husk_shim::hypervisor::detect::detect().kvm_usable {
+        println!("SKIPPED {NAME}: this host's KVM runs the tests above on husk-vmm itself");
+        return;
+    }
+    husk_tests::nested::run_on_husk_vmm(
+        NAME,
+        &[
+            "processes_behave_as_under_runc",
+            "isolation_mounts_capabilities_and_seccomp",
+            "cgroup_limits_stats_updates_and_freezing",
+            "two_containers_tty_removal_and_bad_specs",
+        ],
+        Duration::from_secs(580),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }

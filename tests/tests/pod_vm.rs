@@ -1,11 +1,14 @@
-//! A real pod VM end to end: QEMU (`-M microvm`) with husk's guest kernel and
-//! initrd, husk-vmm serving the vsock device over vhost-user, and husk-agent as
-//! the guest's PID 1, reached with ttrpc over hybrid vsock.
+//! A real pod VM end to end with husk's guest kernel and initrd and husk-agent
+//! as the guest's PID 1, reached with ttrpc over hybrid vsock: QEMU
+//! (`-M microvm`) with husk-vmm serving the vsock device over vhost-user, or
+//! husk-vmm alone on KVM (`HUSK_HYPERVISOR`, see husk_tests). Where this
+//! host's KVM cannot run Linux, the last test runs the others on husk-vmm
+//! inside an emulated KVM host.
 
 use std::time::Duration;
 
 use husk_protocol::agent::health_response::Status;
-use husk_shim::hypervisor::{LaunchError, PodVm, ShutdownOutcome};
+use husk_shim::hypervisor::{self, Hypervisor, LaunchError, PodVm, ShutdownOutcome};
 use husk_tests::{init_tracing, process_alive, vm_spec};
 
 fn assert_gone(pids: &[u32], state_dir: &std::path::Path) {
@@ -22,6 +25,36 @@ fn assert_gone(pids: &[u32], state_dir: &std::path::Path) {
     );
 }
 
+/// husk-vmm as the shim runs it: in its own mount and network namespaces,
+/// without CAP_SYS_ADMIN, with no_new_privs.
+fn assert_jailed(pid: u32) {
+    let ns = |p: &str, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).unwrap();
+    for kind in ["mnt", "net"] {
+        assert_ne!(
+            ns("self", kind),
+            ns(&pid.to_string(), kind),
+            "husk-vmm shares the host's {kind} namespace"
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    let bnd = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    assert_eq!(eff & (CAP_SYS_ADMIN | CAP_NET_ADMIN), 0, "CapEff {eff:x}");
+    assert_eq!(bnd & (CAP_SYS_ADMIN | CAP_NET_ADMIN), 0, "CapBnd {bnd:x}");
+    eprintln!("husk-vmm {pid} is jailed: CapEff {eff:x}, CapBnd {bnd:x}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boots_serves_the_agent_api_and_powers_off() {
     init_tracing();
@@ -31,10 +64,21 @@ async fn boots_serves_the_agent_api_and_powers_off() {
     let vm = PodVm::launch(spec)
         .await
         .expect("VM should boot to the agent");
-    eprintln!("accelerator: {:?}, timings: {:?}", vm.accel(), vm.timings());
+    eprintln!(
+        "hypervisor: {}, accelerator: {:?}, timings: {:?}",
+        vm.hypervisor(),
+        vm.accel(),
+        vm.timings()
+    );
     let pids = vm.pids();
-    assert_eq!(pids.len(), 2, "QEMU and husk-vmm");
+    match vm.hypervisor() {
+        Hypervisor::Qemu => assert_eq!(pids.len(), 2, "QEMU and husk-vmm's vsock backend"),
+        Hypervisor::HuskVmm => assert_eq!(pids.len(), 1, "husk-vmm alone"),
+    }
     let state_dir = vm.state_dir().to_path_buf();
+    if vm.hypervisor() == Hypervisor::HuskVmm && nix::unistd::geteuid().is_root() {
+        assert_jailed(pids[0]);
+    }
 
     let agent = vm.agent().expect("connected during launch").clone();
     assert_eq!(
@@ -103,13 +147,14 @@ async fn a_guest_that_crashes_at_boot_is_reported_with_its_console() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut spec = vm_spec("crash", tmp.path()).unwrap();
-    // No init: the kernel panics, and panic=-1 + -no-reboot end QEMU.
+    // No init: the kernel panics, and panic=-1 (+ QEMU's -no-reboot) end the VM.
     spec.extra_cmdline = "rdinit=/no-such-init".into();
     let state_dir = spec.state_dir.clone();
+    let (hypervisor, _, _) = hypervisor::select(&spec).expect("a hypervisor for this host");
     let err = PodVm::launch(spec).await.err().expect("launch must fail");
     match &err {
         LaunchError::Exited { what, console, .. } => {
-            assert_eq!(*what, "QEMU");
+            assert_eq!(*what, hypervisor.name());
             assert!(
                 console.contains("Kernel panic"),
                 "console should show the panic: {console}"
@@ -162,13 +207,28 @@ async fn a_boot_deadline_gives_a_clear_error_and_leaves_nothing() {
     assert!(err.to_string().contains("did not answer within"), "{err}");
     assert!(!state_dir.exists(), "state directory left behind");
     // The processes were reaped by the drop: no husk-vmm for this VM remains.
-    let leftover = std::process::Command::new("pgrep")
-        .args(["-f", &state_dir.to_string_lossy()])
-        .output()
-        .unwrap();
-    assert!(
-        leftover.stdout.is_empty(),
-        "leftover processes: {}",
-        String::from_utf8_lossy(&leftover.stdout)
-    );
+    let leftover = husk_tests::husk_containerd::processes_matching(&state_dir.to_string_lossy());
+    assert!(leftover.is_empty(), "leftover processes: {leftover:?}");
+}
+
+/// The tests above on husk-vmm, where this host cannot run them there itself.
+#[test]
+fn pod_vms_on_husk_vmm_in_an_emulated_kvm_host() {
+    const NAME: &str = "pod_vms_on_husk_vmm_in_an_emulated_kvm_host";
+    let host = husk_shim::hypervisor::detect::detect();
+    if host.kvm_usable {
+        println!("SKIPPED {NAME}: this host's KVM runs the tests above on husk-vmm itself");
+        return;
+    }
+    husk_tests::nested::run_on_husk_vmm(
+        NAME,
+        &[
+            "boots_serves_the_agent_api_and_powers_off",
+            "a_guest_that_crashes_at_boot_is_reported_with_its_console",
+            "a_hung_guest_is_killed_and_cleaned_up",
+            "a_boot_deadline_gives_a_clear_error_and_leaves_nothing",
+        ],
+        Duration::from_secs(500),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }

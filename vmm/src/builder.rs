@@ -68,9 +68,28 @@ pub struct VsockConfig {
 /// The virtio-net device: an existing tap in husk-vmm's network namespace.
 #[derive(Clone, Debug)]
 pub struct NetConfig {
-    pub tap: String,
+    pub tap: TapSource,
     /// Offered to the guest with VIRTIO_NET_F_MAC; without it the guest picks one.
     pub mac: Option<[u8; 6]>,
+}
+
+/// Where the virtio-net device's tap comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSource {
+    /// An existing tap interface in husk-vmm's network namespace.
+    Name(String),
+    /// An inherited fd already attached to a tap (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR): how a
+    /// caller hands over a tap it made in another network namespace (a pod's).
+    Fd(i32),
+}
+
+impl std::fmt::Display for TapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TapSource::Name(n) => write!(f, "tap {n}"),
+            TapSource::Fd(fd) => write!(f, "tap fd {fd}"),
+        }
+    }
 }
 
 /// Everything `husk-vmm run` takes.
@@ -380,8 +399,12 @@ impl Vmm {
             virtio.push(Box::new(FsDevice::new(fs.clone()).map_err(BuildError::Fs)?));
         }
         if let Some(net) = &cfg.net {
-            let tap = Tap::open(&net.tap).map_err(|source| BuildError::NetTap {
-                tap: net.tap.clone(),
+            let tap = match &net.tap {
+                TapSource::Name(name) => Tap::open(name),
+                TapSource::Fd(fd) => crate::devices::virtio::net::tap::tap_from_raw_fd(*fd),
+            }
+            .map_err(|source| BuildError::NetTap {
+                tap: net.tap.to_string(),
                 source,
             })?;
             virtio.push(Box::new(

@@ -7,9 +7,10 @@ use clap::Args;
 use tracing::{error, info};
 
 use husk_vmm::builder::{
-    boot_timer_now, BootSource, NetConfig, VmConfig, VmExit, Vmm, VsockConfig,
+    boot_timer_now, BootSource, NetConfig, TapSource, VmConfig, VmExit, Vmm, VsockConfig,
 };
 use husk_vmm::devices::virtio::fs::FsConfig;
+use husk_vmm::jail::JailConfig;
 
 /// The command line husk's guest needs: the console on COM1, reboot by triple fault (how the
 /// VMM learns the guest is done: there is no ACPI), and reboot right away on panic.
@@ -56,11 +57,21 @@ pub struct RunArgs {
     fs_tag: Option<String>,
     /// Give the guest a virtio-net device over this existing tap (in husk-vmm's network
     /// namespace).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", group = "net_source")]
     net_tap: Option<String>,
-    /// The guest's MAC address (aa:bb:cc:dd:ee:ff) on --net-tap.
-    #[arg(long, value_name = "MAC", requires = "net_tap")]
+    /// Give the guest a virtio-net device over this inherited fd, already attached to a tap
+    /// with IFF_TAP, IFF_NO_PI and IFF_VNET_HDR (a tap made in another network namespace).
+    #[arg(long, value_name = "FD", group = "net_source")]
+    net_tap_fd: Option<i32>,
+    /// The guest's MAC address (aa:bb:cc:dd:ee:ff) on --net-tap or --net-tap-fd.
+    #[arg(long, value_name = "MAC", requires = "net_source")]
     net_mac: Option<String>,
+    /// Once the VM is built, enter a jail: own mount, network, IPC and UTS namespaces with an
+    /// empty read-only root holding only the directories of --vsock-uds, --api-sock and
+    /// --shared-dir, no capabilities (but the file server's with --shared-dir), no_new_privs.
+    /// Needs root.
+    #[arg(long)]
+    jail: bool,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -91,7 +102,12 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
         uds,
     });
     cfg.rng = !args.no_rng;
-    if let Some(tap) = args.net_tap {
+    let tap = match (args.net_tap, args.net_tap_fd) {
+        (Some(name), _) => Some(TapSource::Name(name)),
+        (None, Some(fd)) => Some(TapSource::Fd(fd)),
+        (None, None) => None,
+    };
+    if let Some(tap) = tap {
         let mac = match &args.net_mac {
             Some(m) => Some(husk_vmm::devices::virtio::net::parse_mac(m).context("--net-mac")?),
             None => None,
@@ -114,7 +130,27 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
     cfg.handle_signals = true;
     cfg.boot_timer_t0_ns = args.boot_timer.then_some(t0);
 
+    let jail = args.jail.then(|| {
+        let parent = |p: &PathBuf| p.parent().map(PathBuf::from);
+        JailConfig {
+            visible_dirs: cfg
+                .vsock
+                .as_ref()
+                .and_then(|v| parent(&v.uds))
+                .into_iter()
+                .chain(cfg.api_sock.as_ref().and_then(parent))
+                .chain(cfg.fs.as_ref().map(|f| f.shared_dir.clone()))
+                .collect(),
+            fs_server: cfg.fs.is_some(),
+        }
+    });
+
     let mut vmm = Vmm::build(cfg).context("cannot build the VM")?;
+    if let Some(jail) = jail {
+        // Everything the VM needs is open; no thread runs yet.
+        husk_vmm::jail::enter(&jail).context("--jail")?;
+        info!(dirs = ?jail.visible_dirs, "entered the jail");
+    }
     info!(cmdline = vmm.cmdline(), "starting the guest");
     match vmm.run().context("VM run failed")? {
         exit if exit.is_clean() => {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod jail;
 pub mod loader;
 pub mod seccomp;
 pub mod sock;

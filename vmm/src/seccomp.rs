@@ -10,6 +10,7 @@
 //! Filters are compiled up front (while the process may still allocate freely) and applied
 //! with [`apply`].
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Once;
 
@@ -219,9 +220,21 @@ pub fn filter_with(kind: ThreadKind, more: &[i64]) -> Result<BpfProgram, Seccomp
     Ok(filter.try_into()?)
 }
 
+thread_local! {
+    /// The thread's name, for the SIGSYS message (const-initialised: reading it in a signal
+    /// handler is a plain TLS load).
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+}
+
 /// Installs `prog` on the calling thread only.
 pub fn apply(prog: &BpfProgram) -> Result<(), SeccompError> {
     install_sigsys_handler()?;
+    let mut name = [0u8; 16];
+    let current = std::thread::current();
+    let n = current.name().unwrap_or("unnamed").as_bytes();
+    let k = n.len().min(15);
+    name[..k].copy_from_slice(&n[..k]);
+    THREAD_NAME.with(|c| c.set(name));
     seccompiler::apply_filter(prog)?;
     Ok(())
 }
@@ -231,7 +244,7 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     // (`_sigsys._syscall`); libc does not name the field.
     // SAFETY: `info` is the kernel's siginfo for this SIGSYS.
     let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 96];
     let prefix = b"husk-vmm: seccomp: blocked syscall ";
     buf[..prefix.len()].copy_from_slice(prefix);
     let mut len = prefix.len();
@@ -250,6 +263,18 @@ extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut
         d -= 1;
         buf[len] = digits[d];
         len += 1;
+    }
+    // Which thread: the vCPUs and the event loop have different filters. The name was
+    // saved when the filter was applied: asking the kernel now could be a blocked call.
+    let name = THREAD_NAME.with(Cell::get);
+    if name[0] != 0 {
+        let on = b" on thread ";
+        buf[len..len + on.len()].copy_from_slice(on);
+        len += on.len();
+        for &b in name.iter().take_while(|&&b| b != 0) {
+            buf[len] = b;
+            len += 1;
+        }
     }
     buf[len] = b'\n';
     len += 1;

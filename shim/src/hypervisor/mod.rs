@@ -1,19 +1,53 @@
 //! Starting, watching and stopping a pod's microVM.
 //!
-//! Today a pod VM is QEMU (`-M microvm`, virtio-mmio) whose vsock device is
-//! served by husk-vmm over vhost-user, so the guest sees husk's own device
-//! code. QEMU runs with KVM where the host's KVM can run a stock guest
-//! ([`detect`]) and with TCG emulation otherwise. husk-vmm running the whole
-//! VM itself is the other backend that joins here.
+//! Two backends, one guest: where the host's KVM can run a stock guest
+//! ([`detect`]), husk-vmm runs the whole VM (vCPUs and every device) in one
+//! process; elsewhere QEMU (`-M microvm`, virtio-mmio, TCG emulation) runs the
+//! vCPUs and husk-vmm serves its vsock and virtio-fs devices over vhost-user,
+//! so the guest sees husk's own device code either way. QEMU can also be
+//! asked for on KVM.
 
 pub mod cgroup;
 pub mod detect;
+pub mod husk_vmm;
 mod pod_vm;
 pub mod qemu;
 
 use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
-pub use pod_vm::{LaunchError, LaunchTimings, PodVm, ShutdownOutcome};
+pub use pod_vm::{select, LaunchError, LaunchTimings, PodVm, ShutdownOutcome};
+
+/// The program that runs a pod VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hypervisor {
+    Qemu,
+    HuskVmm,
+}
+
+impl Hypervisor {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hypervisor::Qemu => "QEMU",
+            Hypervisor::HuskVmm => "husk-vmm",
+        }
+    }
+}
+
+impl std::fmt::Display for Hypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the caller asks for; `Auto` is husk-vmm where KVM can run a stock
+/// guest and QEMU with TCG elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HypervisorChoice {
+    #[default]
+    Auto,
+    Qemu,
+    HuskVmm,
+}
 
 /// How the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +77,7 @@ pub struct VmSpec {
     /// Private directory for this VM's sockets and logs; created by the launch
     /// (it must not exist yet) and removed when the VM is torn down.
     pub state_dir: PathBuf,
+    pub hypervisor: HypervisorChoice,
     pub accel: AccelChoice,
     pub qemu_binary: PathBuf,
     pub vmm_binary: PathBuf,
@@ -60,6 +95,9 @@ pub struct VmSpec {
     pub share: Option<Share>,
     /// The pod's NIC: a tap QEMU drives as a virtio-net device.
     pub network: Option<NetDevice>,
+    /// Run husk-vmm in its jail (own namespaces, empty root, capabilities
+    /// dropped: see husk-vmm's `jail` module). Needs root; QEMU ignores it.
+    pub jail: bool,
     /// The host cgroup the VM's processes run in (the sandbox container's OCI
     /// `linux.cgroupsPath`), created by the launch and removed at teardown.
     pub cgroups_path: Option<String>,
@@ -100,6 +138,7 @@ impl VmSpec {
             vcpus: 1,
             memory_mib: 256,
             state_dir,
+            hypervisor: HypervisorChoice::Auto,
             accel: AccelChoice::Auto,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             vmm_binary: PathBuf::from("husk-vmm"),
@@ -111,9 +150,27 @@ impl VmSpec {
             agent_log_port: Some(DEFAULT_AGENT_LOG_PORT),
             share: None,
             network: None,
+            jail: true,
             cgroups_path: None,
         }
     }
+}
+
+/// husk's kernel command line. `reboot=t` makes a guest reboot (how the agent
+/// powers off) a triple fault, which ends husk-vmm, and QEMU too with its
+/// `-no-reboot`; `panic=-1` does the same for a kernel panic, so a crashed
+/// guest never sits there burning CPU. husk-vmm appends its devices'
+/// `virtio_mmio.device=` entries, QEMU's microvm its own.
+pub fn kernel_cmdline(spec: &VmSpec) -> String {
+    let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+    if let Some(port) = spec.agent_log_port {
+        c.push_str(&format!(" husk.log_port={port}"));
+    }
+    if !spec.extra_cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(spec.extra_cmdline.trim());
+    }
+    c
 }
 
 /// Host port the agent connects to for its log stream.

@@ -1,6 +1,7 @@
 //! A running pod VM: its processes, sockets and logs, from launch to teardown.
 //!
-//! On the QEMU path a VM is QEMU plus one husk-vmm process per vhost-user
+//! With husk-vmm a VM is one `husk-vmm run` process on KVM with every device
+//! in it. On the QEMU path it is QEMU plus one husk-vmm process per vhost-user
 //! device (vsock always, virtio-fs when the pod has a shared directory). Every way out (a clean shutdown, a
 //! guest that hangs, a guest that crashes, a launch that fails half-way, or the
 //! `PodVm` simply being dropped) ends both processes and removes the state
@@ -25,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     cgroup::{self, CgroupError, PodCgroup},
-    detect, qemu, Accel, AccelChoice, VmSpec,
+    detect, husk_vmm, qemu, Accel, AccelChoice, Hypervisor, HypervisorChoice, VmSpec,
 };
 use crate::agent_client::{AgentClient, AgentError};
 
@@ -76,8 +77,8 @@ pub enum LaunchError {
 pub struct LaunchTimings {
     /// Every husk-vmm device backend's vhost-user socket is accepting connections.
     pub vmm_ready: Duration,
-    /// QEMU has been spawned.
-    pub qemu_spawned: Duration,
+    /// The VM process (QEMU or husk-vmm) has been spawned.
+    pub vm_spawned: Duration,
     /// The agent answered its first health check.
     pub agent_ready: Duration,
 }
@@ -97,6 +98,8 @@ struct Paths {
     vhost_vsock: PathBuf,
     console_log: PathBuf,
     qemu_log: PathBuf,
+    husk_vmm_log: PathBuf,
+    api_sock: PathBuf,
     vhost_fs: PathBuf,
     agent_log: PathBuf,
 }
@@ -109,6 +112,8 @@ impl Paths {
             vhost_vsock: dir.join("vsock.vhost"),
             console_log: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
+            husk_vmm_log: dir.join("husk-vmm.log"),
+            api_sock: dir.join("api.sock"),
             vhost_fs: dir.join("fs.vhost"),
             agent_log: dir.join("agent.log"),
         }
@@ -120,13 +125,17 @@ pub struct PodVm {
     spec: VmSpec,
     accel: Accel,
     paths: Paths,
-    qemu: Option<Child>,
+    hypervisor: Hypervisor,
+    /// QEMU, or husk-vmm running the whole VM.
+    vm: Option<Child>,
     backends: Vec<Backend>,
     log_task: Option<JoinHandle<()>>,
     agent: Option<AgentClient>,
     timings: LaunchTimings,
-    /// Where QEMU and the backends run on the host; removed after they are gone.
+    /// Where the VM's processes run on the host; removed after they are gone.
     cgroup: Option<PodCgroup>,
+    /// The share as a shared mount, for husk-vmm's jail; undone after the VM.
+    share_mount: Option<ShareMount>,
 }
 
 impl PodVm {
@@ -134,13 +143,8 @@ impl PodVm {
     pub async fn launch(spec: VmSpec) -> Result<PodVm, LaunchError> {
         let start = Instant::now();
         validate(&spec)?;
-        let host = detect::detect();
-        let accel = match (spec.accel, host.kvm_usable) {
-            (AccelChoice::Kvm, false) => return Err(LaunchError::KvmUnavailable(host.reason)),
-            (AccelChoice::Kvm, true) | (AccelChoice::Auto, true) => Accel::Kvm,
-            (AccelChoice::Tcg, _) | (AccelChoice::Auto, false) => Accel::Tcg,
-        };
-        info!(id = %spec.id, ?accel, host = %host.reason, "launching pod VM");
+        let (hypervisor, accel, host) = select(&spec)?;
+        info!(id = %spec.id, %hypervisor, ?accel, %host, "launching pod VM");
 
         fs::DirBuilder::new()
             .mode(0o700)
@@ -154,23 +158,38 @@ impl PodVm {
             spec,
             accel,
             paths,
-            qemu: None,
+            hypervisor,
+            vm: None,
             backends: Vec::new(),
             log_task: None,
             agent: None,
             timings: LaunchTimings::default(),
             cgroup: None,
+            share_mount: None,
         };
         if let Some(path) = &vm.spec.cgroups_path {
             vm.cgroup = Some(PodCgroup::create(path)?);
         }
         // On any error below, dropping `vm` kills what was started and removes
         // the state directory.
-        vm.start_backends().await?;
-        vm.timings.vmm_ready = start.elapsed();
-        vm.start_agent_log_listener()?;
-        vm.start_qemu()?;
-        vm.timings.qemu_spawned = start.elapsed();
+        match hypervisor {
+            Hypervisor::Qemu => {
+                vm.start_backends().await?;
+                vm.timings.vmm_ready = start.elapsed();
+                vm.start_agent_log_listener()?;
+                vm.start_qemu()?;
+            }
+            Hypervisor::HuskVmm => {
+                if let (Some(share), true) = (&vm.spec.share, vm.spec.jail) {
+                    vm.share_mount = Some(ShareMount::new(&share.dir)?);
+                }
+                // Guest-initiated connections find the listener from the start.
+                vm.start_agent_log_listener()?;
+                vm.start_husk_vmm()?;
+                vm.timings.vmm_ready = start.elapsed();
+            }
+        }
+        vm.timings.vm_spawned = start.elapsed();
         let deadline = start + vm.spec.boot_timeout;
         vm.wait_for_agent(deadline).await?;
         vm.timings.agent_ready = start.elapsed();
@@ -180,6 +199,11 @@ impl PodVm {
 
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    /// Which program runs the VM.
+    pub fn hypervisor(&self) -> Hypervisor {
+        self.hypervisor
     }
 
     pub fn timings(&self) -> LaunchTimings {
@@ -204,9 +228,10 @@ impl PodVm {
         &self.paths.agent_log
     }
 
-    /// Process ids of QEMU (first) and the husk-vmm device backends, while they run.
+    /// Process ids of the VM process (first: QEMU or husk-vmm) and the
+    /// husk-vmm device backends, while they run.
     pub fn pids(&self) -> Vec<u32> {
-        self.qemu
+        self.vm
             .iter()
             .chain(self.backends.iter().map(|b| &b.child))
             .filter_map(|c| c.id())
@@ -259,14 +284,15 @@ impl PodVm {
             .await
             .map_err(|_| format!("agent did not acknowledge shutdown within {grace:?}"))?
             .map_err(|e| e.to_string())?;
-        let qemu = self.qemu.as_mut().ok_or("QEMU is not running")?;
-        let status = tokio::time::timeout_at(deadline.into(), qemu.wait())
+        let name = self.hypervisor.to_string();
+        let vm = self.vm.as_mut().ok_or(format!("{name} is not running"))?;
+        let status = tokio::time::timeout_at(deadline.into(), vm.wait())
             .await
             .map_err(|_| format!("guest did not power off within {grace:?}"))?
             .map_err(|e| e.to_string())?;
-        self.qemu = None;
+        self.vm = None;
         if !status.success() {
-            return Err(format!("QEMU exited with {status} on shutdown"));
+            return Err(format!("{name} exited with {status} on shutdown"));
         }
         // Each backend exits by itself once QEMU, its vhost-user front end, is gone.
         while let Some(mut b) = self.backends.pop() {
@@ -285,9 +311,10 @@ impl PodVm {
 
     async fn teardown(&mut self) {
         self.agent = None;
-        let qemu = self.qemu.take().map(|c| ("QEMU", c));
+        let name = self.hypervisor.name();
+        let vm = self.vm.take().map(|c| (name, c));
         let backends = self.backends.drain(..).map(|b| (b.what, b.child));
-        for (name, mut child) in qemu.into_iter().chain(backends).collect::<Vec<_>>() {
+        for (name, mut child) in vm.into_iter().chain(backends).collect::<Vec<_>>() {
             if let Err(e) = child.kill().await {
                 warn!(id = %self.spec.id, "killing {name}: {e}");
             }
@@ -296,6 +323,7 @@ impl PodVm {
             t.abort();
         }
         self.remove_cgroup();
+        self.share_mount = None;
         remove_state_dir(&self.paths.dir);
     }
 
@@ -417,26 +445,46 @@ impl PodVm {
             )
             .stderr(log);
         if let Some(net) = &self.spec.network {
-            // The tap fd is close-on-exec (so husk-vmm and other children
-            // never hold the pod's NIC); QEMU alone inherits it, under the
-            // number its command line names.
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&*net.tap);
-            // SAFETY: fcntl(2) is async-signal-safe and touches only this fd.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            inherit_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&*net.tap));
         }
         debug!(id = %self.spec.id, ?cmd, "starting QEMU");
-        self.qemu = Some(spawn(
+        self.vm = Some(spawn(
             cmd,
             "QEMU",
             &self.spec.qemu_binary,
+            self.cgroup_fds(),
+        )?);
+        Ok(())
+    }
+
+    /// One `husk-vmm run` process: vCPUs and every device (vsock, virtio-fs,
+    /// net, rng) on KVM. The agent answering is its readiness.
+    fn start_husk_vmm(&mut self) -> Result<(), LaunchError> {
+        let log = create_log(&self.paths.husk_vmm_log)?;
+        let args = husk_vmm::args(
+            &self.spec,
+            &husk_vmm::HuskVmmPaths {
+                vsock_uds: &self.paths.vsock_uds,
+                api_sock: &self.paths.api_sock,
+                console_log: &self.paths.console_log,
+            },
+        );
+        let mut cmd = Command::new(&self.spec.vmm_binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| state_err(&self.paths.husk_vmm_log, e))?,
+            )
+            .stderr(log);
+        if let Some(net) = &self.spec.network {
+            inherit_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&*net.tap));
+        }
+        debug!(id = %self.spec.id, ?cmd, "starting husk-vmm");
+        self.vm = Some(spawn(
+            cmd,
+            "husk-vmm",
+            &self.spec.vmm_binary,
             self.cgroup_fds(),
         )?);
         Ok(())
@@ -515,9 +563,9 @@ impl PodVm {
     }
 
     async fn check_alive(&mut self) -> Result<(), LaunchError> {
-        let mut qemu_status = self.qemu_exit()?;
+        let mut vm_status = self.vm_exit()?;
         let mut backend_exit = None;
-        if qemu_status.is_none() {
+        if vm_status.is_none() {
             for (i, b) in self.backends.iter_mut().enumerate() {
                 if let Some(status) = b.child.try_wait().map_err(LaunchError::Wait)? {
                     backend_exit = Some((i, status));
@@ -530,19 +578,19 @@ impl PodVm {
             // QEMU does on its way out: give QEMU a moment so that the error
             // names the process that failed first.
             for _ in 0..50 {
-                qemu_status = self.qemu_exit()?;
-                if qemu_status.is_some() {
+                vm_status = self.vm_exit()?;
+                if vm_status.is_some() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        if let Some(status) = qemu_status {
+        if let Some(status) = vm_status {
             return Err(LaunchError::Exited {
-                what: "QEMU",
+                what: self.hypervisor.name(),
                 status,
                 console: tail(&self.paths.console_log),
-                log: tail(&self.paths.qemu_log),
+                log: tail(self.vm_log()),
             });
         }
         if let Some((i, status)) = backend_exit {
@@ -557,8 +605,15 @@ impl PodVm {
         Ok(())
     }
 
-    fn qemu_exit(&mut self) -> Result<Option<ExitStatus>, LaunchError> {
-        match self.qemu.as_mut() {
+    fn vm_log(&self) -> &Path {
+        match self.hypervisor {
+            Hypervisor::Qemu => &self.paths.qemu_log,
+            Hypervisor::HuskVmm => &self.paths.husk_vmm_log,
+        }
+    }
+
+    fn vm_exit(&mut self) -> Result<Option<ExitStatus>, LaunchError> {
+        match self.vm.as_mut() {
             Some(c) => c.try_wait().map_err(LaunchError::Wait),
             None => Ok(None),
         }
@@ -579,7 +634,7 @@ impl Drop for PodVm {
         // reap, and remove the state directory.
         let backends = self.backends.drain(..).map(|b| b.child);
         for child in self
-            .qemu
+            .vm
             .take()
             .into_iter()
             .chain(backends)
@@ -591,6 +646,7 @@ impl Drop for PodVm {
             t.abort();
         }
         self.remove_cgroup();
+        self.share_mount = None;
         remove_state_dir(&self.paths.dir);
     }
 }
@@ -660,6 +716,112 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
         return bad(format!("id {:?} must be non-empty [A-Za-z0-9._-]", spec.id));
     }
     Ok(())
+}
+
+/// The share bound onto itself and made a shared mount. husk-vmm's jail
+/// binds the share as a slave of the host's mount; on a host whose mounts are
+/// private, mounts made under the share after the VM started (each
+/// container's rootfs) would not reach the jail otherwise.
+struct ShareMount(PathBuf);
+
+impl ShareMount {
+    fn new(dir: &Path) -> Result<ShareMount, LaunchError> {
+        use nix::mount::{mount, MsFlags};
+        let err = |what: &str, e: nix::errno::Errno| {
+            LaunchError::InvalidSpec(format!(
+                "share {}: {what}: {}",
+                dir.display(),
+                io::Error::from_raw_os_error(e as i32)
+            ))
+        };
+        mount(
+            Some(dir),
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| err("binding it onto itself", e))?;
+        let undo = ShareMount(dir.to_path_buf());
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| err("making it a shared mount", e))?;
+        Ok(undo)
+    }
+}
+
+impl Drop for ShareMount {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH) {
+            warn!("unmounting the share's own bind {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Lets the VM process inherit the pod's tap. The fd is close-on-exec (so
+/// device backends and other children never hold the pod's NIC); only the
+/// process whose command line names this number gets it.
+fn inherit_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: fcntl(2) is async-signal-safe and touches only this fd.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The hypervisor and accelerator a launch of `spec` uses on this host, and
+/// what the host's KVM can do (for logs).
+pub fn select(spec: &VmSpec) -> Result<(Hypervisor, Accel, String), LaunchError> {
+    let host = detect::detect();
+    let (h, a) = choose(spec.hypervisor, spec.accel, host.kvm_usable).map_err(|e| match e {
+        Choice::NeedsKvm(what) => LaunchError::KvmUnavailable(format!("{what}: {}", host.reason)),
+        Choice::Invalid(m) => LaunchError::InvalidSpec(m),
+    })?;
+    Ok((h, a, host.reason))
+}
+
+/// Why a hypervisor/accelerator pair cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    /// This choice needs KVM that can run a stock guest.
+    NeedsKvm(&'static str),
+    Invalid(String),
+}
+
+/// Which program runs the VM, and how. `Auto` takes husk-vmm where KVM can
+/// run a stock guest (it starts faster and leaner than QEMU), QEMU with TCG
+/// elsewhere; husk-vmm has no emulator, so it never takes TCG.
+fn choose(
+    hypervisor: HypervisorChoice,
+    accel: AccelChoice,
+    kvm_usable: bool,
+) -> Result<(Hypervisor, Accel), Choice> {
+    use AccelChoice as A;
+    use HypervisorChoice as H;
+    match (hypervisor, accel, kvm_usable) {
+        (H::HuskVmm, A::Tcg, _) => Err(Choice::Invalid(
+            "hypervisor husk-vmm runs on KVM only; accel tcg needs hypervisor qemu".into(),
+        )),
+        (H::HuskVmm, _, false) => Err(Choice::NeedsKvm("husk-vmm needs KVM")),
+        (H::HuskVmm, _, true) | (H::Auto, A::Auto | A::Kvm, true) => {
+            Ok((Hypervisor::HuskVmm, Accel::Kvm))
+        }
+        (H::Auto | H::Qemu, A::Kvm, false) => Err(Choice::NeedsKvm("accel kvm was requested")),
+        (H::Qemu, A::Auto | A::Kvm, true) => Ok((Hypervisor::Qemu, Accel::Kvm)),
+        (H::Auto | H::Qemu, A::Tcg, _) | (H::Auto | H::Qemu, A::Auto, false) => {
+            Ok((Hypervisor::Qemu, Accel::Tcg))
+        }
+    }
 }
 
 /// `cgroup_fds`: the pod cgroup's `cgroup.procs` files, joined before exec.
@@ -738,6 +900,36 @@ fn tail(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_takes_husk_vmm_on_kvm_and_qemu_tcg_elsewhere() {
+        use AccelChoice as A;
+        use HypervisorChoice as H;
+        let ok = |h, a, k| choose(h, a, k).unwrap();
+        assert_eq!(
+            ok(H::Auto, A::Auto, true),
+            (Hypervisor::HuskVmm, Accel::Kvm)
+        );
+        assert_eq!(ok(H::Auto, A::Auto, false), (Hypervisor::Qemu, Accel::Tcg));
+        assert_eq!(ok(H::Auto, A::Tcg, true), (Hypervisor::Qemu, Accel::Tcg));
+        assert_eq!(ok(H::Qemu, A::Auto, true), (Hypervisor::Qemu, Accel::Kvm));
+        assert_eq!(ok(H::Qemu, A::Auto, false), (Hypervisor::Qemu, Accel::Tcg));
+        assert_eq!(
+            ok(H::HuskVmm, A::Kvm, true),
+            (Hypervisor::HuskVmm, Accel::Kvm)
+        );
+        assert_eq!(
+            choose(H::HuskVmm, A::Auto, false),
+            Err(Choice::NeedsKvm("husk-vmm needs KVM"))
+        );
+        assert!(
+            matches!(choose(H::HuskVmm, A::Tcg, true), Err(Choice::Invalid(m)) if m.contains("tcg"))
+        );
+        assert!(matches!(
+            choose(H::Qemu, A::Kvm, false),
+            Err(Choice::NeedsKvm(_))
+        ));
+    }
 
     #[test]
     fn specs_with_bad_values_are_rejected_by_name() {

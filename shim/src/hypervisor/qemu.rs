@@ -2,23 +2,7 @@
 
 use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
-use super::{Accel, VmSpec};
-
-/// husk's kernel command line. `reboot=t` makes a guest reboot (how the agent
-/// powers off) a triple fault, which QEMU's `-no-reboot` turns into an exit;
-/// `panic=-1` does the same for a kernel panic, so a crashed guest never sits
-/// there burning CPU.
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
-    let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
-    if let Some(port) = spec.agent_log_port {
-        c.push_str(&format!(" husk.log_port={port}"));
-    }
-    if !spec.extra_cmdline.trim().is_empty() {
-        c.push(' ');
-        c.push_str(spec.extra_cmdline.trim());
-    }
-    c
-}
+use super::{kernel_cmdline, Accel, VmSpec};
 
 /// Paths the QEMU process uses inside the VM's state directory.
 pub struct QemuPaths<'a> {

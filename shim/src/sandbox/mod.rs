@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent_client::{AgentClient, GuestRoute},
-    config::{Config, HypervisorKind},
+    config::Config,
     events::Events,
     hypervisor::{NetDevice, PodVm, Share, VmSpec},
     network::{format_mac, NetworkError, PodNetwork},
@@ -34,8 +34,6 @@ pub const SHARE_IN_GUEST: &str = "/run/husk/shared";
 pub enum SandboxError {
     #[error("sandbox id {0:?} must be 1-64 characters of [A-Za-z0-9_.-]")]
     BadId(String),
-    #[error("hypervisor {0:?} (husk-vmm running the whole VM on KVM) is not supported yet on this host: set hypervisor.kind to \"auto\" or \"qemu\" in the husk configuration")]
-    HuskVmmNotWired(HypervisorKind),
     #[error("{0}")]
     Config(String),
     #[error("sandbox {id} is already running (its shim, pid {pid}, is alive)")]
@@ -94,9 +92,6 @@ impl Sandbox {
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(SandboxError::BadId(id.to_string()));
-        }
-        if config.hypervisor == HypervisorKind::HuskVmm {
-            return Err(SandboxError::HuskVmmNotWired(config.hypervisor));
         }
         let dir = state::sandbox_dir(id);
         // A directory left by a shim that crashed before containerd ran
@@ -168,6 +163,7 @@ impl Sandbox {
         spec.vcpus = config.vcpus;
         spec.memory_mib = config.memory_mib;
         spec.accel = config.accel;
+        spec.hypervisor = config.hypervisor.into();
         spec.qemu_binary = config.qemu_binary().map_err(SandboxError::Config)?;
         spec.vmm_binary = config.vmm_binary().map_err(SandboxError::Config)?;
         spec.boot_timeout = config.boot_timeout;

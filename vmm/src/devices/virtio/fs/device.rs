@@ -41,6 +41,8 @@ pub struct FsDevice {
     num_request_queues: u16,
     fs: Fs,
     server: Server<Fs>,
+    /// Set by [`FsDevice::reset_later`], done by the next [`FsDevice::process_queue`].
+    reset_pending: std::sync::atomic::AtomicBool,
 }
 
 impl FsDevice {
@@ -85,6 +87,7 @@ impl FsDevice {
             num_request_queues: cfg.num_request_queues,
             server: Server::new(Arc::clone(&fs)),
             fs,
+            reset_pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -130,7 +133,17 @@ impl FsDevice {
     /// The driver reset the device: forget every inode and close every file the guest had
     /// open, as FUSE_DESTROY does.
     pub fn reset(&self) {
+        self.reset_pending
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         self.fs.destroy();
+    }
+
+    /// [`FsDevice::reset`], done on the thread that next serves a queue. husk-vmm's virtio-mmio
+    /// transport sees the driver's reset on a vCPU thread, whose seccomp filter has no file
+    /// system calls, and forgetting the inodes re-opens the shared directory's root.
+    pub fn reset_later(&self) {
+        self.reset_pending
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Serves every request the guest put in `queue`. Returns whether the guest needs an
@@ -140,6 +153,12 @@ impl FsDevice {
         mem: &M,
         queue: &mut Queue,
     ) -> Result<bool, FsError> {
+        if self
+            .reset_pending
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.fs.destroy();
+        }
         if !queue.ready() {
             return Ok(false);
         }

@@ -674,3 +674,35 @@ fn file_operations_stay_inside_the_event_loop_seccomp_filter() {
             .unwrap();
     });
 }
+
+/// The driver resets the device through a register write, which husk-vmm handles on a vCPU
+/// thread: under the vCPU seccomp filter that must not touch the file system (a call outside
+/// it kills this test binary with SIGSYS). The reset then happens on the next queue service.
+#[test]
+fn a_driver_reset_on_a_vcpu_thread_stays_inside_its_seccomp_filter() {
+    use crate::devices::virtio::device::VirtioDevice;
+    let filter = crate::seccomp::filter_for(crate::seccomp::ThreadKind::Vcpu).unwrap();
+    let mut t = TestFs::new();
+    t.guest.init(&t.dev);
+    let (e, fh) = t
+        .guest
+        .create(&t.dev, ROOT, b"kept-open", 0o644, libc::O_RDWR)
+        .unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                crate::seccomp::apply(&filter).unwrap();
+                VirtioDevice::reset(&mut t.dev);
+            })
+            .join()
+            .unwrap();
+    });
+    // After the reset the old inode and handle are gone, and a new session works.
+    t.guest.init(&t.dev);
+    assert!(t.guest.read(&t.dev, e.nodeid, fh, 0, 1).is_err());
+    let (_, fh2) = t
+        .guest
+        .create(&t.dev, ROOT, b"after-reset", 0o644, libc::O_RDWR)
+        .unwrap();
+    assert!(fh2 > 0);
+}

@@ -54,6 +54,7 @@ impl VirtioDevice for FsDevice {
     }
 
     fn reset(&mut self) {
-        FsDevice::reset(self)
+        // Called on a vCPU thread (a status register write): see `reset_later`.
+        FsDevice::reset_later(self)
     }
 }

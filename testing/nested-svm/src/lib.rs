@@ -1,4 +1,5 @@
-//! A KVM host made of software, for hosts whose own /dev/kvm cannot run Linux.
+//! husk-nested-svm: a KVM host made of software, for hosts whose own /dev/kvm cannot run
+//! Linux (this project's PVM hosts). Test support only.
 //!
 //! QEMU's TCG emulates AMD's SVM (with nested paging), so a Debian kernel booted in QEMU TCG
 //! with an emulated EPYC CPU loads kvm_amd and gets a /dev/kvm on which a stock Linux guest
@@ -132,6 +133,45 @@ pub fn run(
     })
 }
 
+impl NestedRun {
+    /// Ok when the inner test binary ran `expect_passed` tests, all passed, none skipped
+    /// (inside, KVM can run anything, so a skip is a failure of the emulated host).
+    pub fn check(&self, expect_passed: usize) -> Result<(), String> {
+        let tail = tail(&self.console);
+        if let Some(l) = self.console.lines().find(|l| l.contains("SKIPPED ")) {
+            return Err(format!(
+                "a test skipped inside the emulated SVM host: {l}\n--- its console ---\n{tail}"
+            ));
+        }
+        if self.exit != Some(0) {
+            return Err(format!(
+                "the tests failed inside the emulated SVM host (exit {:?})\n--- its console ---\n{tail}",
+                self.exit
+            ));
+        }
+        // The nested kernel's messages share the console, so a test's own line can be
+        // split; the summary is printed alone.
+        let want = format!("test result: ok. {expect_passed} passed");
+        if !self.console.contains(&want) {
+            return Err(format!(
+                "expected {want:?} from the emulated SVM host\n--- its console ---\n{tail}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The console lines that start with one of `prefixes`.
+    pub fn lines_starting_with<'a>(
+        &'a self,
+        prefixes: &'a [&str],
+    ) -> impl Iterator<Item = &'a str> {
+        self.console
+            .lines()
+            .map(str::trim_end)
+            .filter(move |l| prefixes.iter().any(|p| l.starts_with(p)))
+    }
+}
+
 pub fn tail(s: &str) -> &str {
     let mut start = s.len().saturating_sub(6000);
     while !s.is_char_boundary(start) {
@@ -163,6 +203,7 @@ fn build_initramfs(
         dir("proc"),
         dir("sys"),
         dir("tmp"),
+        dir("run"),
         dir("guest"),
         dir("modules"),
     ];
@@ -171,7 +212,8 @@ fn build_initramfs(
         &read(Path::new("/bin/busybox"))?,
         0o755,
     ));
-    for applet in ["sh", "mount", "insmod", "poweroff", "cat"] {
+    // Every applet, so tests that run host tools (pgrep, ps, ...) find them.
+    for applet in busybox_applets()? {
         entries.push(Entry::Symlink {
             path: format!("bin/{applet}"),
             target: "busybox".into(),
@@ -239,10 +281,18 @@ fn build_initramfs(
         .join(" ");
     let init = format!(
         "#!/bin/sh\n\
+         if [ \"$1\" != stage2 ]; then\n\
+         mkdir /newroot\n\
+         mount -t tmpfs -o size=95% newroot /newroot\n\
+         for d in /*; do case $d in /dev|/proc|/sys|/newroot) ;; *) cp -a $d /newroot/ ;; esac; done\n\
+         mkdir -p /newroot/dev /newroot/proc /newroot/sys\n\
+         exec switch_root /newroot /init stage2\n\
+         fi\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
          mount -t tmpfs tmp /tmp\n\
+         mount -t tmpfs run /run\n\
          {insmods}\
          echo \"husk-nested: $(busybox grep -c -w svm /proc/cpuinfo) vCPUs with svm\"\n\
          HUSK_GUEST_DIR=/guest HUSK_VMM_BIN=/bin/husk-vmm RUST_BACKTRACE=1 {env}\
@@ -250,6 +300,8 @@ fn build_initramfs(
          echo \"{EXIT_MARK}$?\"\n\
          poweroff -f\n"
     );
+    // The tests run from a tmpfs, not from the initramfs itself: pivot_root(2), which
+    // husk-vmm's jail uses, refuses to move the initial rootfs, as on any real host.
     entries.push(file("init", init.as_bytes(), 0o755));
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(out).map_err(|e| format!("creating {}: {e}", out.display()))?,
@@ -257,6 +309,27 @@ fn build_initramfs(
     cpio::write_archive(&mut f, &entries).map_err(|e| format!("writing initramfs: {e}"))?;
     std::io::Write::flush(&mut f).map_err(|e| format!("writing initramfs: {e}"))?;
     Ok(())
+}
+
+fn busybox_applets() -> Result<Vec<String>, String> {
+    let out = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .map_err(|e| format!("/bin/busybox --list: {e}"))?;
+    let mut applets: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox")
+        .map(String::from)
+        .collect();
+    for needed in ["sh", "mount", "insmod", "poweroff", "grep"] {
+        if !applets.iter().any(|a| a == needed) {
+            return Err(format!("/bin/busybox has no {needed} applet"));
+        }
+    }
+    applets.sort();
+    applets.dedup();
+    Ok(applets)
 }
 
 fn shell_quote(s: &str) -> String {
