@@ -7,23 +7,24 @@
 #
 #   kernel-config/fetch-nested-host.sh OUT_DIR   -> OUT_DIR/nested-host (symlink into the cache)
 #
-# Cache: $HUSK_CACHE/nested-host/<package version>/ {vmlinuz, modules/*.ko,
-# modules.order}; nothing is fetched when it is there. The package is only
+# Cache: $HUSK_CACHE/nested-host/<package version>-<module list hash>/ {vmlinuz,
+# modules/*.ko, modules.order}; nothing is fetched when it is there. The package is only
 # downloaded and unpacked, never installed.
 set -euo pipefail
 
 out=${1:?usage: fetch-nested-host.sh OUT_DIR}
 cache=${HUSK_CACHE:-/var/cache/husk}
 meta=linux-image-amd64
-# Load order: each module's dependencies come before it (checked below).
-modules=(irqbypass kvm ccp kvm-amd)
+# Load order: each module's dependencies come before it (checked below). tun: the
+# pod NIC test's tap.
+modules=(irqbypass kvm ccp kvm-amd tun)
 
 if ! version=$(apt-cache policy "$meta" 2>/dev/null | awk '/Candidate:/ {print $2}') \
     || [ -z "$version" ] || [ "$version" = "(none)" ]; then
   echo "fetch-nested-host.sh: apt knows no $meta; run apt-get update" >&2
   exit 1
 fi
-dest="$cache/nested-host/$version"
+dest="$cache/nested-host/$version-$(echo "${modules[*]}" | sha256sum | cut -c1-8)"
 mkdir -p "$out"
 
 if [ ! -s "$dest/modules.order" ]; then

@@ -8,7 +8,8 @@
 //!
 //! `HUSK_HYPERVISOR` (auto, qemu or husk-vmm) picks the test VMs' hypervisor;
 //! auto, the default, is what the shim does: husk-vmm where KVM can run a
-//! stock guest, QEMU with TCG elsewhere. [`nested`] runs tests on husk-vmm
+//! stock guest, QEMU with TCG elsewhere. `HUSK_GUEST_CMDLINE` adds kernel
+//! parameters to the test VMs' command line (debugging). [`nested`] runs tests on husk-vmm
 //! inside an emulated KVM host where the real one cannot.
 
 use std::{
@@ -24,6 +25,7 @@ pub mod containerd;
 pub mod cri;
 pub mod husk_containerd;
 pub mod nested;
+pub mod netns;
 pub mod oci_image;
 pub mod oci_spec;
 pub mod pod;
@@ -87,6 +89,10 @@ pub fn vm_spec(id: &str, state_parent: &Path) -> Result<VmSpec> {
     let mut spec = VmSpec::new(id, kernel, initrd, state_parent.join(id));
     spec.vmm_binary = vmm_binary()?;
     spec.hypervisor = hypervisor_choice()?;
+    // A debugging knob: more kernel parameters (say `loglevel=8` against `quiet`).
+    if let Ok(extra) = env::var("HUSK_GUEST_CMDLINE") {
+        spec.extra_cmdline = extra;
+    }
     spec.memory_mib = 256;
     spec.vcpus = 1;
     // TCG boots take a few seconds, but a loaded 2-core CI host running

@@ -385,7 +385,7 @@ fn containers_on_husk_vmm_in_an_emulated_kvm_host() {
             "cgroup_limits_stats_updates_and_freezing",
             "two_containers_tty_removal_and_bad_specs",
         ],
-        Duration::from_secs(580),
+        Duration::from_secs(300),
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
 }

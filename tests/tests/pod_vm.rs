@@ -211,6 +211,54 @@ async fn a_boot_deadline_gives_a_clear_error_and_leaves_nothing() {
     assert!(leftover.is_empty(), "leftover processes: {leftover:?}");
 }
 
+/// The pod's NIC: a tap (in a namespace of the test's own, as the shim makes
+/// one in the pod's) handed to the VM as an fd, the guest interface set up by
+/// the agent, and packets both ways (ping from the tap's side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_nic_carries_packets_both_ways() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED the_pod_nic_carries_packets_both_ways: needs root (a network namespace, a tap)");
+        return;
+    }
+    init_tracing();
+    let ns = husk_tests::netns::Netns::new().expect("network namespace");
+    let tap = ns.tap("husk-t0").expect("tap");
+    for args in [
+        &["ip", "addr", "add", "10.203.0.1/24", "dev", "husk-t0"][..],
+        &["ip", "link", "set", "husk-t0", "up"][..],
+    ] {
+        ns.command("/bin/busybox", args)
+            .expect("configuring the tap");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = vm_spec("nic", tmp.path()).unwrap();
+    let mac = [0x02, 0x00, 0x0a, 0xcb, 0x00, 0x02];
+    spec.network = Some(hypervisor::NetDevice {
+        tap: std::sync::Arc::new(tap),
+        mac,
+    });
+    let vm = PodVm::launch(spec).await.expect("VM with a NIC boots");
+    let agent = vm.agent().expect("agent").clone();
+    let name = agent
+        .update_interface("02:00:0a:cb:00:02", &[("10.203.0.2".into(), 24)], 1500)
+        .await
+        .expect("guest interface configured");
+    eprintln!("{} NIC {name} up with 10.203.0.2/24", vm.hypervisor());
+    let out = ns
+        .command(
+            "/bin/busybox",
+            &["ping", "-c", "3", "-W", "10", "10.203.0.2"],
+        )
+        .unwrap_or_else(|e| panic!("ping to the guest: {e:#}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3 packets received"), "{text}");
+    eprintln!("{}", text.lines().last().unwrap_or_default());
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(20)).await,
+        ShutdownOutcome::Clean
+    );
+}
+
 /// The tests above on husk-vmm, where this host cannot run them there itself.
 #[test]
 fn pod_vms_on_husk_vmm_in_an_emulated_kvm_host() {
@@ -227,8 +275,9 @@ fn pod_vms_on_husk_vmm_in_an_emulated_kvm_host() {
             "a_guest_that_crashes_at_boot_is_reported_with_its_console",
             "a_hung_guest_is_killed_and_cleaned_up",
             "a_boot_deadline_gives_a_clear_error_and_leaves_nothing",
+            "the_pod_nic_carries_packets_both_ways",
         ],
-        Duration::from_secs(500),
+        Duration::from_secs(180),
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
 }

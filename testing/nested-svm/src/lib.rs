@@ -172,6 +172,114 @@ impl NestedRun {
     }
 }
 
+/// What the emulated host is known to do wrong now and then, and nothing husk does on a real
+/// KVM host: reset a guest with a triple fault in the middle of its boot (a few per cent of
+/// boots, with husk-vmm and with QEMU alike), or hang as a whole.
+const SPURIOUS_RESET: &str = "guest reset (triple fault)";
+
+/// The outcome of [`run_tests`]: the attempts made, the last one first.
+pub struct TestsRun {
+    pub attempts: Vec<NestedRun>,
+    /// Why each retry was made.
+    pub retries: Vec<String>,
+}
+
+/// Runs `tests` (exact names) of this test binary in the emulated host, `payload.test_args`
+/// being ignored. A test that fails only with [`SPURIOUS_RESET`] in its output, or a run
+/// whose host hangs, is run again, up to `retries` more times, and each retry is reported;
+/// any other failure fails at once. Ok when every test passed in some attempt.
+pub fn run_tests(
+    host: &NestedHost,
+    payload: &Payload,
+    work: &Path,
+    tests: &[&str],
+    deadline: Duration,
+    retries: usize,
+) -> Result<TestsRun, String> {
+    let mut out = TestsRun {
+        attempts: Vec::new(),
+        retries: Vec::new(),
+    };
+    let mut remaining: Vec<&str> = tests.to_vec();
+    for attempt in 0..=retries {
+        let mut args = vec!["--exact"];
+        args.extend_from_slice(&remaining);
+        let p = Payload {
+            test_args: &args,
+            ..*payload
+        };
+        let run = match run(host, &p, work, deadline) {
+            Ok(r) => r,
+            Err(e) if attempt < retries && e.contains("still running after") => {
+                out.retries
+                    .push(format!("the emulated host hung: {}", first_line(&e)));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if run.check(remaining.len()).is_ok() {
+            out.attempts.insert(0, run);
+            return Ok(out);
+        }
+        let spurious = spurious_failures(&run.console, &remaining);
+        let Some(failed) = spurious.filter(|_| attempt < retries) else {
+            let e = run.check(remaining.len()).err().unwrap_or_default();
+            out.attempts.insert(0, run);
+            let earlier = if out.retries.is_empty() {
+                String::new()
+            } else {
+                format!("\n(after retries: {})", out.retries.join("; "))
+            };
+            return Err(format!("{e}{earlier}"));
+        };
+        out.retries.push(format!(
+            "{} hit a spurious guest reset in the emulated host",
+            failed.join(", ")
+        ));
+        remaining.retain(|t| failed.iter().any(|f| f == t));
+        out.attempts.insert(0, run);
+    }
+    Err(format!("no attempt completed: {}", out.retries.join("; ")))
+}
+
+/// The failed tests when every failure may be the emulated host's own doing (its console
+/// shows [`SPURIOUS_RESET`]), or None when some failure is of another kind.
+fn spurious_failures(console: &str, remaining: &[&str]) -> Option<Vec<String>> {
+    let failed = failed_tests(console);
+    let ok = !failed.is_empty()
+        && failed.iter().all(|t| remaining.contains(&t.as_str()))
+        && console.contains(SPURIOUS_RESET)
+        && !console.contains("SKIPPED ");
+    ok.then_some(failed)
+}
+
+/// The names libtest lists under "failures:" at the end of a run.
+fn failed_tests(console: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut in_list = false;
+    for line in console.lines().map(str::trim_end) {
+        if line == "failures:" {
+            in_list = true;
+            names.clear();
+            continue;
+        }
+        if in_list {
+            match line.strip_prefix("    ") {
+                Some(name) if !name.trim().is_empty() && !name.contains(' ') => {
+                    names.push(name.trim().to_string())
+                }
+                _ if line.trim().is_empty() && names.is_empty() => {}
+                _ => in_list = false,
+            }
+        }
+    }
+    names
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
+
 pub fn tail(s: &str) -> &str {
     let mut start = s.len().saturating_sub(6000);
     while !s.is_char_boundary(start) {
@@ -391,4 +499,54 @@ fn shared_libraries(bin: &Path) -> Result<Vec<PathBuf>, String> {
             path.starts_with('/').then(|| PathBuf::from(path))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_tests_come_from_the_last_failures_list() {
+        let console = "\
+running 3 tests
+test a ... ok
+test b ... FAILED
+
+failures:
+
+---- b stdout ----
+thread 'b' panicked at x.rs:1:1:
+boom
+
+failures:
+    b
+    c
+
+test result: FAILED. 1 passed; 2 failed; 0 ignored
+";
+        assert_eq!(
+            failed_tests(console),
+            vec!["b".to_string(), "c".to_string()]
+        );
+        assert!(failed_tests("test result: ok. 3 passed").is_empty());
+    }
+
+    #[test]
+    fn only_failures_beside_a_spurious_reset_are_retried() {
+        let failed = "failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed";
+        let reset = format!("husk-vmm: {SPURIOUS_RESET}\n{failed}");
+        assert_eq!(
+            spurious_failures(&reset, &["a", "b"]),
+            Some(vec!["b".to_string()])
+        );
+        // A failure without the signature is a real one.
+        assert_eq!(spurious_failures(failed, &["a", "b"]), None);
+        // So is a skip (the emulated host could not run KVM guests at all).
+        assert_eq!(
+            spurious_failures(&format!("SKIPPED b: no kvm\n{reset}"), &["a", "b"]),
+            None
+        );
+        // And a failure of a test that was not asked for.
+        assert_eq!(spurious_failures(&reset, &["a"]), None);
+    }
 }
