@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::OwnedFd,
     process::{Command, Output},
     sync::mpsc,
     thread::JoinHandle,
@@ -86,36 +86,12 @@ impl Netns {
         Ok(out)
     }
 
-    /// Creates tap `name` in the namespace (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as the shim
-    /// makes a pod's), close-on-exec; it goes away when the returned fd is closed.
+    /// Creates tap `name` in the namespace, as the shim makes a pod's; it goes away when the
+    /// returned fd is closed.
     pub fn tap(&self, name: &str) -> Result<OwnedFd> {
-        if name.len() >= libc::IFNAMSIZ {
-            bail!("tap name {name:?} too long");
-        }
         let name = name.to_string();
-        self.run(move || -> io::Result<OwnedFd> {
-            // SAFETY: open(2) of a fixed path; the fd is owned right after.
-            let fd =
-                unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: fd is fresh and owned by nobody else.
-            let tap = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: ifreq is plain data; all-zero is valid.
-            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-                *d = s as libc::c_char;
-            }
-            req.ifr_ifru.ifru_flags =
-                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-            // SAFETY: TUNSETIFF takes a struct ifreq.
-            if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(tap)
-        })?
-        .context("creating the tap")
+        self.run(move || husk_shim::network::open_tap(&name))?
+            .context("creating the tap")
     }
 }
 

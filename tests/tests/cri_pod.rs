@@ -154,6 +154,17 @@ async fn stop_and_remove(client: &mut RuntimeClient, pod: &str, containers: &[&s
 }
 
 /// A line of CRI's log format: `<RFC 3339 nano time> <stream> <P|F> <text>`.
+/// CPU time (ns) and memory working set (bytes) from CRI stats.
+fn cpu_and_working_set(
+    cpu: Option<k8s_cri::v1::CpuUsage>,
+    memory: Option<k8s_cri::v1::MemoryUsage>,
+) -> (Option<u64>, Option<u64>) {
+    (
+        cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value),
+        memory.and_then(|m| m.working_set_bytes).map(|v| v.value),
+    )
+}
+
 fn parse_cri_log_line(line: &str) -> Option<(&str, &str, &str)> {
     let mut parts = line.splitn(4, ' ');
     let (time, stream, tag, text) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -360,14 +371,7 @@ fn pod_with_two_containers_through_cri() {
             .into_inner()
             .stats
             .expect("stats");
-        let cpu = stats
-            .cpu
-            .and_then(|c| c.usage_core_nano_seconds)
-            .map(|v| v.value);
-        let mem = stats
-            .memory
-            .and_then(|m| m.working_set_bytes)
-            .map(|v| v.value);
+        let (cpu, mem) = cpu_and_working_set(stats.cpu, stats.memory);
         eprintln!("ContainerStats c1: cpu {cpu:?} ns, working set {mem:?} bytes");
         assert!(cpu.is_some_and(|v| v > 0), "cpu {cpu:?}");
         assert!(mem.is_some_and(|v| v > 0), "memory {mem:?}");
@@ -383,14 +387,7 @@ fn pod_with_two_containers_through_cri() {
             .stats
             .and_then(|s| s.linux)
             .expect("linux pod stats");
-        let pod_cpu = stats
-            .cpu
-            .and_then(|c| c.usage_core_nano_seconds)
-            .map(|v| v.value);
-        let pod_mem = stats
-            .memory
-            .and_then(|m| m.working_set_bytes)
-            .map(|v| v.value);
+        let (pod_cpu, pod_mem) = cpu_and_working_set(stats.cpu, stats.memory);
         eprintln!("PodSandboxStats: cpu {pod_cpu:?} ns, working set {pod_mem:?} bytes");
         // Booting the guest alone takes far more than a second of CPU (TCG) or
         // touches tens of MiB of guest memory (either accelerator).

@@ -26,6 +26,8 @@ pub const SECCOMP_EXIT_STATUS: i32 = 159;
 const KVM_RUN: u64 = 0xae80;
 /// _IOR(KVMIO, 0x81, struct kvm_regs): read registers for an error message.
 const KVM_GET_REGS: u64 = 0x8090_ae81;
+/// `_IOR(KVMIO, 0x83, struct kvm_sregs)`: read on a triple fault, for the log.
+const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const FIONBIO: u64 = 0x5421;
 const FIOCLEX: u64 = 0x5451;
 /// virtio-net tells the tap which offloads the guest negotiated from the event loop.
@@ -207,7 +209,7 @@ pub fn filter_with(kind: ThreadKind, more: &[i64]) -> Result<BpfProgram, Seccomp
         rules.insert(*nr, Vec::new());
     }
     let ioctls = match kind {
-        ThreadKind::Vcpu => ioctl_rules(&[KVM_RUN, KVM_GET_REGS, FIONBIO])?,
+        ThreadKind::Vcpu => ioctl_rules(&[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, FIONBIO])?,
         ThreadKind::EventLoop => ioctl_rules(&[FIONBIO, FIOCLEX, TUNSETOFFLOAD])?,
     };
     rules.insert(libc::SYS_ioctl, ioctls);
@@ -306,6 +308,19 @@ fn install_sigsys_handler() -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_structs_they_carry() {
+        let ior = |nr: u64, size: usize| 0x8000_0000 | ((size as u64) << 16) | 0xae00 | nr;
+        assert_eq!(
+            KVM_GET_REGS,
+            ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>())
+        );
+        assert_eq!(
+            KVM_GET_SREGS,
+            ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
+        );
+    }
 
     #[test]
     fn filters_compile() {

@@ -73,6 +73,19 @@ fn husk_vmm() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_husk-vmm")))
 }
 
+/// The guest kernel and initrd in `dir`, which must be there.
+fn guest_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.img"));
+    for p in [&kernel, &initrd] {
+        assert!(
+            p.exists(),
+            "{} missing: build the guest (make guest) or set HUSK_GUEST_DIR",
+            p.display()
+        );
+    }
+    (kernel, initrd)
+}
+
 fn guest_dir() -> PathBuf {
     std::env::var_os("HUSK_GUEST_DIR")
         .map(PathBuf::from)
@@ -149,14 +162,7 @@ fn full_linux_boot_agent_answers() {
         return;
     }
     let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.img"));
-    for p in [&kernel, &initrd] {
-        assert!(
-            p.exists(),
-            "{} missing: build the guest (make guest) or set HUSK_GUEST_DIR",
-            p.display()
-        );
-    }
+    let (kernel, initrd) = guest_files(&dir);
     let tmp = tempfile::tempdir().expect("tempdir");
     let uds = tmp.path().join("vsock.sock");
     let api = tmp.path().join("api.sock");
@@ -256,14 +262,7 @@ fn full_linux_boot_agent_answers() {
 fn full_linux_boot_on_emulated_svm_host() {
     const NAME: &str = "full_linux_boot_on_emulated_svm_host";
     let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.img"));
-    for p in [&kernel, &initrd] {
-        assert!(
-            p.exists(),
-            "{} missing: build the guest (make guest) or set HUSK_GUEST_DIR",
-            p.display()
-        );
-    }
+    let (kernel, initrd) = guest_files(&dir);
     let host =
         nested_svm::NestedHost::load(&dir.join("nested-host")).unwrap_or_else(|e| panic!("{e}"));
     let vmm = husk_vmm();

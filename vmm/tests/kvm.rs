@@ -252,6 +252,45 @@ fn binary_runs_elf_under_seccomp_and_exits_zero() {
     assert!(!uds.exists(), "vsock socket removed at exit");
 }
 
+/// A guest that crashes (an undefined instruction with no IDT: a triple fault) under seccomp,
+/// jailed when root: husk-vmm ends cleanly and logs where the guest was.
+#[test]
+fn binary_logs_where_a_guest_triple_faulted_jailed_under_seccomp() {
+    require_kvm!("binary_logs_where_a_guest_triple_faulted_jailed_under_seccomp");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let code = Asm::new().serial_write(b"crash\n").ud2().build();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf_for(&code, 0x20_0000)).expect("write kernel");
+    let log = dir.path().join("console.log");
+    let uds = dir.path().join("vsock.sock");
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let out = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--console-log"])
+        .arg(&log)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .args(root.then_some("--jail"))
+        .output()
+        .expect("spawn husk-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "husk-vmm failed: {stderr}");
+    assert!(
+        stderr.contains("guest reset (triple fault)") && stderr.contains("rip=0x"),
+        "{stderr}"
+    );
+    if root {
+        assert!(stderr.contains("entered the jail"), "{stderr}");
+    } else {
+        println!("binary_logs_where...: not root, ran without --jail");
+    }
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), "crash\n");
+    assert!(!uds.exists(), "vsock socket removed at exit");
+}
+
 #[test]
 fn binary_names_the_bad_argument() {
     let out = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))

@@ -4,6 +4,7 @@
 use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
 use super::{kernel_cmdline, VmSpec};
+use crate::network::format_mac;
 
 /// Paths the husk-vmm process uses inside the VM's state directory.
 pub struct HuskVmmPaths<'a> {
@@ -35,16 +36,8 @@ pub fn args(spec: &VmSpec, paths: &HuskVmmPaths<'_>) -> Vec<OsString> {
         arg("--fs-tag", share.tag.clone().into());
     }
     if let Some(net) = &spec.network {
-        let m = net.mac;
         arg("--net-tap-fd", net.tap.as_raw_fd().to_string().into());
-        arg(
-            "--net-mac",
-            format!(
-                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            )
-            .into(),
-        );
+        arg("--net-mac", format_mac(net.mac).into());
     }
     if spec.jail {
         a.push("--jail".into());

@@ -3,6 +3,7 @@
 use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
 use super::{kernel_cmdline, Accel, VmSpec};
+use crate::network::format_mac;
 
 /// Paths the QEMU process uses inside the VM's state directory.
 pub struct QemuPaths<'a> {
@@ -73,17 +74,10 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
         // work with QEMU 7.2's microvm, and there is no /dev/vhost-net here
         // (vhost=off). With fd= QEMU reads the vnet header setting from the
         // tap itself (IFF_VNET_HDR) and refuses a vnet_hdr= option.
-        let m = net.mac;
         a.push("-netdev".into());
         a.push(format!("tap,id=net0,fd={},vhost=off", net.tap.as_raw_fd()).into());
         a.push("-device".into());
-        a.push(
-            format!(
-                "virtio-net-device,netdev=net0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            )
-            .into(),
-        );
+        a.push(format!("virtio-net-device,netdev=net0,mac={}", format_mac(net.mac)).into());
     }
     a
 }

@@ -172,9 +172,11 @@ impl NestedRun {
     }
 }
 
-/// What the emulated host is known to do wrong now and then, and nothing husk does on a real
-/// KVM host: reset a guest with a triple fault in the middle of its boot (a few per cent of
-/// boots, with husk-vmm and with QEMU alike), or hang as a whole.
+/// What the emulated host does now and then: reset a guest with a triple fault in the middle
+/// of its boot, without a kernel message (about 7% of husk-vmm boots in it; the same kernel
+/// never did so under QEMU TCG), or hang as a whole (seen with QEMU-KVM inside it too). Only a
+/// host with hardware virtualization can tell whether the resets are the emulator's or
+/// husk-vmm's; until then they are retried, loudly, rather than hidden or fatal.
 const SPURIOUS_RESET: &str = "guest reset (triple fault)";
 
 /// The outcome of [`run_tests`]: the attempts made, the last one first.

@@ -203,7 +203,20 @@ impl Vcpu {
                     return Some(VmExit::Halt);
                 }
                 VcpuExit::Shutdown => {
-                    info!(vcpu = id, "guest reset (triple fault)");
+                    // Where it happened: a guest's own reboot (husk's power-off) and a crash
+                    // look alike here, and the registers tell them apart.
+                    let regs = self.fd.get_regs().ok();
+                    let sregs = self.fd.get_sregs().ok();
+                    info!(
+                        vcpu = id,
+                        rip = format_args!("{:#x}", regs.map_or(0, |r| r.rip)),
+                        rsp = format_args!("{:#x}", regs.map_or(0, |r| r.rsp)),
+                        cr0 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr0)),
+                        cr3 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr3)),
+                        cr4 = format_args!("{:#x}", sregs.map_or(0, |s| s.cr4)),
+                        idt = format_args!("{:#x}", sregs.map_or(0, |s| s.idt.base)),
+                        "guest reset (triple fault)"
+                    );
                     return Some(VmExit::Reset("triple fault".into()));
                 }
                 VcpuExit::SystemEvent(kind, _) => {
