@@ -155,9 +155,10 @@ async fn a_guest_that_crashes_at_boot_is_reported_with_its_console() {
     match &err {
         LaunchError::Exited { what, console, .. } => {
             assert_eq!(*what, hypervisor.name());
+            // The whole error (with the VMM's log) so a failure shows how the VM ended.
             assert!(
                 console.contains("Kernel panic"),
-                "console should show the panic: {console}"
+                "console should show the panic: {err}"
             );
         }
         other => panic!("expected the VM to exit, got: {other}"),
