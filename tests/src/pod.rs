@@ -129,12 +129,17 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        // A failing test shows what the guest said: the agent's log stream
-        // and the serial console.
+        // A failing test shows what the guest said (the agent's log stream
+        // and the serial console) and what the VM process logged.
         if let (true, Some(vm)) = (std::thread::panicking(), &self.vm) {
-            let agent = std::fs::read_to_string(vm.agent_log_path()).unwrap_or_default();
-            let console = std::fs::read_to_string(vm.console_log_path()).unwrap_or_default();
-            eprintln!("---- agent log ----\n{agent}\n---- console ----\n{console}");
+            let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+            eprintln!(
+                "---- agent log ----\n{}\n---- console ----\n{}\n---- {} log ----\n{}",
+                read(vm.agent_log_path()),
+                read(vm.console_log_path()),
+                vm.hypervisor(),
+                read(vm.vm_log_path())
+            );
         }
     }
 }

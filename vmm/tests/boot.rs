@@ -289,7 +289,7 @@ fn full_linux_boot_on_emulated_svm_host() {
         println!("{NAME}: RETRIED: {why}");
     }
     let run = run.attempts.first().expect("an attempt");
-    for line in run.lines_starting_with(&[TEST, BZ_TEST, "husk-nested:"]) {
+    for line in run.lines_starting_with(&[TEST, BZ_TEST, "test ", "husk-nested:"]) {
         println!("{NAME}: inside: {line}");
     }
     println!(

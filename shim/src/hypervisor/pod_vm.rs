@@ -223,6 +223,11 @@ impl PodVm {
         &self.paths.console_log
     }
 
+    /// What the VM process (QEMU or husk-vmm) logged.
+    pub fn vm_log_path(&self) -> &Path {
+        self.vm_log()
+    }
+
     /// The agent's log as received over its guest-initiated vsock connection.
     pub fn agent_log_path(&self) -> &Path {
         &self.paths.agent_log
