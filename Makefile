@@ -42,7 +42,7 @@ initrd: agent
 nested-host:
 	bash kernel-config/fetch-nested-host.sh $(GUEST_DIR)
 
-guest: kernel initrd nested-host
+guest: kernel initrd
 
 build:
 	$(CARGO) build -p husk-vmm -p husk-shim
@@ -54,15 +54,16 @@ demo: setup guest build
 # The shim, husk-vmm and the guest where containerd and the shim's defaults
 # find them (PREFIX/bin on containerd's PATH; PREFIX/share/husk).
 PREFIX ?= /usr/local
-install: build
-	install -D -m 0755 target/debug/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
-	install -D -m 0755 target/debug/husk-vmm $(PREFIX)/bin/husk-vmm
+install:
+	$(CARGO) build --release -p husk-vmm -p husk-shim
+	install -D -m 0755 target/release/containerd-shim-husk-v2 $(PREFIX)/bin/containerd-shim-husk-v2
+	install -D -m 0755 target/release/husk-vmm $(PREFIX)/bin/husk-vmm
 	install -D -m 0644 $(GUEST_DIR)/vmlinux $(PREFIX)/share/husk/vmlinux
 	install -D -m 0644 $(GUEST_DIR)/initrd.img $(PREFIX)/share/husk/initrd.img
 
 # Two test threads: each end-to-end test boots a VM, and TCG on two cores
 # slows to a crawl with more at once.
-test: guest build
+test: guest nested-host build
 	HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 bench: guest

@@ -8,6 +8,10 @@ pkgs=(
   linux-source-6.1 flex bison bc libelf-dev libssl-dev cpio xz-utils make gcc
   # running pod VMs where husk-vmm cannot run them itself
   qemu-system-x86
+  # the emulated SVM test host: modinfo orders its KVM modules (fetch-nested-host.sh)
+  kmod
+  # pod networking: ip and tc in the pod's namespace; CNI portmap's iptables
+  iproute2 iptables
   # the agent's static link with seccomp (containers issue) and protobuf clients
   libseccomp-dev protobuf-compiler
   # test images and tools

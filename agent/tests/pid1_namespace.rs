@@ -118,11 +118,15 @@ async fn runs_as_pid1_and_reboots_its_namespace_on_shutdown() {
         "stray argument not reported: {log:?}"
     );
 
-    let mountinfo = fs::read_to_string(format!(
-        "/proc/{}/mountinfo",
-        agent_host_pid(unshare.0.id())
-    ))
-    .unwrap();
+    // Bytes, read lossily: a mount point elsewhere on the host may have any name.
+    let mountinfo = String::from_utf8_lossy(
+        &fs::read(format!(
+            "/proc/{}/mountinfo",
+            agent_host_pid(unshare.0.id())
+        ))
+        .unwrap(),
+    )
+    .into_owned();
     for (target, fstype) in [
         ("/proc", "proc"),
         ("/dev", "devtmpfs"),

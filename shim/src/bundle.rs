@@ -9,6 +9,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::ids::{BadId, SandboxId};
+
 /// `sandbox` for a pod's sandbox (pause) container, `container` otherwise.
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// The pod a CRI container belongs to.
@@ -31,13 +33,13 @@ pub enum BundleError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodRole {
     /// Boots the pod VM; the id is the sandbox's.
-    Sandbox(String),
+    Sandbox(SandboxId),
     /// Joins the VM of the named sandbox.
-    Member(String),
+    Member(SandboxId),
 }
 
 impl PodRole {
-    pub fn sandbox_id(&self) -> &str {
+    pub fn sandbox_id(&self) -> &SandboxId {
         match self {
             PodRole::Sandbox(id) | PodRole::Member(id) => id,
         }
@@ -110,31 +112,32 @@ impl Bundle {
         })
     }
 
-    pub fn role(&self, container_id: &str) -> PodRole {
+    pub fn role(&self, container_id: &str) -> Result<PodRole, BadId> {
         role(&self.annotations, container_id)
     }
 }
 
 /// A CRI container (`container-type: container`) with a sandbox id joins
 /// that sandbox; everything else (a CRI sandbox, a plain `ctr run`
-/// container) is a pod of its own.
-pub fn role(annotations: &HashMap<String, String>, container_id: &str) -> PodRole {
+/// container) is a pod of its own. The id it names is checked here: it
+/// names the pod's state directory.
+pub fn role(annotations: &HashMap<String, String>, container_id: &str) -> Result<PodRole, BadId> {
     let kind = annotations.get(CRI_CONTAINER_TYPE).map(String::as_str);
-    match (kind, annotations.get(CRI_SANDBOX_ID)) {
+    Ok(match (kind, annotations.get(CRI_SANDBOX_ID)) {
         (Some("container"), Some(sb)) if !sb.is_empty() && sb != container_id => {
-            PodRole::Member(sb.clone())
+            PodRole::Member(SandboxId::new(sb)?)
         }
-        (Some("sandbox"), Some(sb)) if !sb.is_empty() => PodRole::Sandbox(sb.clone()),
-        _ => PodRole::Sandbox(container_id.to_string()),
-    }
+        (Some("sandbox"), Some(sb)) if !sb.is_empty() => PodRole::Sandbox(SandboxId::new(sb)?),
+        _ => PodRole::Sandbox(SandboxId::new(container_id)?),
+    })
 }
 
 /// The sandbox id for a bundle that may be unreadable (shim `start` and
 /// `delete`): its own id when config.json cannot tell.
-pub fn sandbox_id_of(bundle: &Path, container_id: &str) -> String {
+pub fn sandbox_id_of(bundle: &Path, container_id: &str) -> Result<SandboxId, BadId> {
     match Bundle::read(bundle) {
-        Ok(b) => b.role(container_id).sandbox_id().to_string(),
-        Err(_) => container_id.to_string(),
+        Ok(b) => Ok(b.role(container_id)?.sandbox_id().clone()),
+        Err(_) => SandboxId::new(container_id),
     }
 }
 
@@ -158,18 +161,39 @@ mod tests {
         .unwrap();
         assert_eq!(b.root, Path::new("/b/rootfs"));
         assert_eq!(b.hostname, "h");
-        assert_eq!(b.role("c1"), PodRole::Member("sb".into()));
+        assert_eq!(b.role("c1").unwrap(), PodRole::Member(sid("sb")));
+    }
+
+    fn sid(s: &str) -> SandboxId {
+        SandboxId::new(s).unwrap()
     }
 
     #[test]
     fn roles() {
         let mut a = HashMap::new();
-        assert_eq!(role(&a, "x"), PodRole::Sandbox("x".into()));
+        assert_eq!(role(&a, "x").unwrap(), PodRole::Sandbox(sid("x")));
         a.insert(CRI_CONTAINER_TYPE.to_string(), "sandbox".to_string());
         a.insert(CRI_SANDBOX_ID.to_string(), "x".to_string());
-        assert_eq!(role(&a, "x"), PodRole::Sandbox("x".into()));
+        assert_eq!(role(&a, "x").unwrap(), PodRole::Sandbox(sid("x")));
         a.insert(CRI_CONTAINER_TYPE.to_string(), "container".to_string());
-        assert_eq!(role(&a, "y"), PodRole::Member("x".into()));
+        assert_eq!(role(&a, "y").unwrap(), PodRole::Member(sid("x")));
+    }
+
+    #[test]
+    fn a_sandbox_id_that_is_a_path_is_refused() {
+        let mut a = HashMap::new();
+        a.insert(CRI_CONTAINER_TYPE.to_string(), "container".to_string());
+        a.insert(CRI_SANDBOX_ID.to_string(), "../..".to_string());
+        let e = role(&a, "c").unwrap_err().to_string();
+        assert!(e.contains("\"../..\""), "{e}");
+        assert!(role(&HashMap::new(), "a/b").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            spec(r#","annotations":{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"/"}"#),
+        )
+        .unwrap();
+        assert!(sandbox_id_of(dir.path(), "c").is_err());
     }
 
     #[test]

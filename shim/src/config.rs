@@ -105,6 +105,16 @@ struct File {
     hypervisor: HypervisorSection,
     #[serde(default)]
     shim: ShimSection,
+    #[serde(default)]
+    limits: LimitsSection,
+}
+
+/// Bounds on what one pod's guest can make the host hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    log_max_kib: Option<u64>,
+    agent_log_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +131,7 @@ struct HypervisorSection {
     qemu_path: Option<PathBuf>,
     vmm_path: Option<PathBuf>,
     boot_timeout_secs: Option<u64>,
+    agent_timeout_secs: Option<u64>,
     kernel_params: Option<String>,
     console_log: Option<PathBuf>,
 }
@@ -146,11 +157,18 @@ pub struct Config {
     pub qemu_path: Option<PathBuf>,
     pub vmm_path: Option<PathBuf>,
     pub boot_timeout: Duration,
+    /// The deadline of each agent call once the VM is up.
+    pub agent_timeout: Duration,
     pub kernel_params: String,
     /// Where to keep a copy of the guest console (and agent log) when the VM
     /// stops; `{id}` is replaced by the sandbox id.
     pub console_log: Option<PathBuf>,
     pub log_level: LogLevel,
+    /// The cap on each guest-fed log file of a pod (console, agent log, VM
+    /// process logs), in bytes.
+    pub log_max_bytes: u64,
+    /// How many agent-log connections a guest may hold open at once.
+    pub agent_log_connections: usize,
 }
 
 impl Default for Config {
@@ -166,9 +184,12 @@ impl Default for Config {
             qemu_path: None,
             vmm_path: None,
             boot_timeout: Duration::from_secs(60),
+            agent_timeout: Duration::from_secs(10),
             kernel_params: String::new(),
             console_log: None,
             log_level: LogLevel::Info,
+            log_max_bytes: husk_bounds::DEFAULT_LOG_MAX_BYTES,
+            agent_log_connections: crate::hypervisor::DEFAULT_AGENT_LOG_CONNECTIONS,
         }
     }
 }
@@ -225,6 +246,34 @@ impl Config {
             Some(s) => Duration::from_secs(s),
             None => d.boot_timeout,
         };
+        let agent_timeout = match h.agent_timeout_secs {
+            Some(0) => {
+                return Err(invalid(
+                    "key `hypervisor.agent_timeout_secs`: must be at least 1".into(),
+                ))
+            }
+            Some(s) => Duration::from_secs(s),
+            None => d.agent_timeout,
+        };
+        let l = file.limits;
+        let log_max_bytes = match l.log_max_kib {
+            Some(k) if !(4..=1 << 20).contains(&k) => {
+                return Err(invalid(format!(
+                    "key `limits.log_max_kib`: must be 4..=1048576 (4 KiB to 1 GiB), got {k}"
+                )))
+            }
+            Some(k) => k << 10,
+            None => d.log_max_bytes,
+        };
+        let agent_log_connections = match l.agent_log_connections {
+            Some(n) if !(1..=64).contains(&n) => {
+                return Err(invalid(format!(
+                    "key `limits.agent_log_connections`: must be 1..=64, got {n}"
+                )))
+            }
+            Some(n) => n,
+            None => d.agent_log_connections,
+        };
         Ok(Config {
             source: path.map(Path::to_path_buf),
             hypervisor: h.kind,
@@ -240,9 +289,12 @@ impl Config {
             qemu_path: h.qemu_path,
             vmm_path: h.vmm_path,
             boot_timeout,
+            agent_timeout,
             kernel_params: h.kernel_params.unwrap_or_default(),
             console_log: h.console_log,
             log_level: file.shim.log_level.unwrap_or(d.log_level),
+            log_max_bytes,
+            agent_log_connections,
         })
     }
 
@@ -361,20 +413,31 @@ mod tests {
             qemu_path = "/q"
             vmm_path = "/v"
             boot_timeout_secs = 30
+            agent_timeout_secs = 20
             kernel_params = "quiet"
             console_log = "/var/log/husk/{id}.log"
             [shim]
             log_level = "debug"
+            [limits]
+            log_max_kib = 1024
+            agent_log_connections = 2
             "#,
             None,
         )
         .unwrap();
+        assert_eq!(c.log_max_bytes, 1 << 20);
+        assert_eq!(c.agent_log_connections, 2);
+        let e = Config::parse("[limits]\nlog_max_kib = 0\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.log_max_kib"), "{e}");
         assert_eq!(c.hypervisor, HypervisorKind::Qemu);
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.memory_mib, 512);
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.boot_timeout, Duration::from_secs(30));
+        assert_eq!(c.agent_timeout, Duration::from_secs(20));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //!   `/etc/resolv.conf`, `/etc/hostname` from CRI's sandbox directory,
 //!   volumes): the guest cannot see the host's paths, so each source is
 //!   bind-mounted into the container's directory on the pod share
-//!   (`<share>/<id>/mounts/<n>`) and the spec names it relative to the share,
-//!   which the agent resolves on its virtio-fs mount.
+//!   (`<id>/mounts/<n>`, made by [`crate::pod_share`]) and the spec names it
+//!   relative to the share, which the agent resolves on its virtio-fs mount.
 //! - `/dev/shm` bound from the sandbox's host tmpfs: shared memory through
 //!   virtio-fs would not be shared memory at all, so the container gets a
 //!   tmpfs of its own in the guest.
@@ -20,10 +20,11 @@
 //!   (a namespace of the container's own). The network namespace is left for
 //!   the agent, which drops it: the VM is the pod's network.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, PathBuf};
 
-use nix::mount::{mount, MsFlags};
 use serde_json::{json, Value};
+
+pub use crate::pod_share::HostBind;
 
 /// Namespaces that CRI shares between a pod's containers by path.
 const POD_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
@@ -46,21 +47,6 @@ pub enum GuestSpecError {
         destination: String,
         source_path: PathBuf,
     },
-    #[error("sharing host {source_path} with the guest at {target}: {reason}")]
-    Share {
-        source_path: PathBuf,
-        target: PathBuf,
-        reason: String,
-    },
-}
-
-/// A host path to bind into the pod share before the container is created.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBind {
-    pub source: PathBuf,
-    /// The mount point below the share.
-    pub target: PathBuf,
-    pub readonly: bool,
 }
 
 /// The rewritten spec and the binds it relies on.
@@ -70,13 +56,12 @@ pub struct GuestSpec {
     pub binds: Vec<HostBind>,
 }
 
-/// Rewrites the spec of container `id` (see the module docs). `share` is the
-/// pod's shared directory on the host; `sandbox_guest_pid` is the guest pid
-/// of the pod's sandbox container, if it runs.
+/// Rewrites the spec of container `id` (see the module docs).
+/// `sandbox_guest_pid` is the guest pid of the pod's sandbox container, if it
+/// runs.
 pub fn adapt(
     spec_json: &[u8],
     id: &str,
-    share: &Path,
     sandbox_guest_pid: Option<u32>,
 ) -> Result<GuestSpec, GuestSpecError> {
     let mut spec: Value =
@@ -84,7 +69,7 @@ pub fn adapt(
     let mut binds = Vec::new();
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         for (index, m) in mounts.iter_mut().enumerate() {
-            if let Some(bind) = adapt_mount(index, m, id, share)? {
+            if let Some(bind) = adapt_mount(index, m, id)? {
                 binds.push(bind);
             }
         }
@@ -119,12 +104,7 @@ pub fn adapt(
     Ok(GuestSpec { json, binds })
 }
 
-fn adapt_mount(
-    index: usize,
-    m: &mut Value,
-    id: &str,
-    share: &Path,
-) -> Result<Option<HostBind>, GuestSpecError> {
+fn adapt_mount(index: usize, m: &mut Value, id: &str) -> Result<Option<HostBind>, GuestSpecError> {
     let options: Vec<String> = m
         .get("options")
         .and_then(Value::as_array)
@@ -173,96 +153,13 @@ fn adapt_mount(
             source_path: source,
         });
     }
-    let relative = PathBuf::from(id).join("mounts").join(index.to_string());
-    obj.insert("source".into(), json!(relative.to_string_lossy()));
-    Ok(Some(HostBind {
+    let bind = HostBind {
         source,
-        target: share.join(relative),
+        index,
         readonly: options.iter().any(|o| o == "ro"),
-    }))
-}
-
-/// Makes the binds (mount points are created: a file for a file source, a
-/// directory otherwise). On error, the binds made so far are undone.
-pub fn share_binds(binds: &[HostBind]) -> Result<(), GuestSpecError> {
-    for (i, b) in binds.iter().enumerate() {
-        if let Err(e) = share_one(b) {
-            unshare_binds(&binds[..i]);
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-fn share_one(b: &HostBind) -> Result<(), GuestSpecError> {
-    let err = |reason: String| GuestSpecError::Share {
-        source_path: b.source.clone(),
-        target: b.target.clone(),
-        reason,
     };
-    let parent = b.target.parent().ok_or_else(|| err("no parent".into()))?;
-    std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-    let is_dir = std::fs::metadata(&b.source)
-        .map_err(|e| err(e.to_string()))?
-        .is_dir();
-    if is_dir {
-        std::fs::create_dir_all(&b.target).map_err(|e| err(e.to_string()))?;
-    } else {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&b.target)
-            .map_err(|e| err(e.to_string()))?;
-    }
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-    mount(
-        Some(&b.source),
-        &b.target,
-        None::<&str>,
-        flags,
-        None::<&str>,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    if b.readonly {
-        // A bind ignores MS_RDONLY until remounted: the host copy stays
-        // read-only even to a guest that ignores the spec's "ro".
-        if let Err(e) = mount(
-            None::<&str>,
-            &b.target,
-            None::<&str>,
-            flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        ) {
-            unshare_binds(std::slice::from_ref(b));
-            return Err(err(e.to_string()));
-        }
-    }
-    Ok(())
-}
-
-/// Unmounts the binds and removes their mount points (never what is below a
-/// mount that would not go: only empty directories and unmounted files).
-pub fn unshare_binds(binds: &[HostBind]) {
-    for b in binds.iter().rev() {
-        crate::mount::unmount_all(&b.target);
-        if !crate::state::mounts_under(&b.target).is_empty() {
-            tracing::warn!(target = %b.target.display(), "bind still mounted; left in place");
-            continue;
-        }
-        match std::fs::symlink_metadata(&b.target) {
-            Ok(m) if m.is_dir() => {
-                let _ = std::fs::remove_dir(&b.target);
-            }
-            Ok(_) => {
-                let _ = std::fs::remove_file(&b.target);
-            }
-            Err(_) => {}
-        }
-    }
-    if let Some(mounts_dir) = binds.first().and_then(|b| b.target.parent()) {
-        let _ = std::fs::remove_dir(mounts_dir);
-    }
+    obj.insert("source".into(), json!(bind.guest_path(id)));
+    Ok(Some(bind))
 }
 
 #[cfg(test)]
@@ -294,12 +191,12 @@ mod tests {
             ]),
             json!([]),
         );
-        let g = adapt(&s, "c1", Path::new("/share"), None).unwrap();
+        let g = adapt(&s, "c1", None).unwrap();
         assert_eq!(
             g.binds,
             vec![HostBind {
                 source: hosts,
-                target: PathBuf::from("/share/c1/mounts/1"),
+                index: 1,
                 readonly: true
             }]
         );
@@ -316,9 +213,7 @@ mod tests {
             json!([{"destination": "/etc/hosts", "type": "bind", "source": "/nonexistent/hosts"}]),
             json!([]),
         );
-        let e = adapt(&s, "c1", Path::new("/share"), None)
-            .unwrap_err()
-            .to_string();
+        let e = adapt(&s, "c1", None).unwrap_err().to_string();
         assert!(
             e.contains("mounts[0]") && e.contains("/nonexistent/hosts"),
             "{e}"
@@ -336,7 +231,7 @@ mod tests {
                 {"type": "mount"}
             ]),
         );
-        let g = adapt(&s, "c1", Path::new("/share"), Some(7)).unwrap();
+        let g = adapt(&s, "c1", Some(7)).unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert_eq!(v["linux"]["namespaces"][0]["path"], "/proc/7/ns/ipc");
         assert_eq!(v["linux"]["namespaces"][1]["path"], "/proc/7/ns/uts");
@@ -346,49 +241,8 @@ mod tests {
         );
         assert!(v["linux"]["namespaces"][3].get("path").is_none());
 
-        let g = adapt(&s, "c1", Path::new("/share"), None).unwrap();
+        let g = adapt(&s, "c1", None).unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert!(v["linux"]["namespaces"][0].get("path").is_none());
-    }
-
-    #[test]
-    fn binds_are_shared_and_undone() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED binds_are_shared_and_undone: needs root");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("resolv.conf");
-        std::fs::write(&file, "nameserver 10.0.0.1\n").unwrap();
-        let vol = dir.path().join("vol");
-        std::fs::create_dir(&vol).unwrap();
-        std::fs::write(vol.join("f"), "x").unwrap();
-        let share = dir.path().join("share");
-        let binds = vec![
-            HostBind {
-                source: file.clone(),
-                target: share.join("c1/mounts/0"),
-                readonly: true,
-            },
-            HostBind {
-                source: vol.clone(),
-                target: share.join("c1/mounts/1"),
-                readonly: false,
-            },
-        ];
-        share_binds(&binds).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(share.join("c1/mounts/0")).unwrap(),
-            "nameserver 10.0.0.1\n"
-        );
-        assert!(
-            std::fs::write(share.join("c1/mounts/0"), "y").is_err(),
-            "ro"
-        );
-        assert!(share.join("c1/mounts/1/f").is_file());
-        unshare_binds(&binds);
-        assert!(!share.join("c1/mounts").exists());
-        assert!(vol.join("f").is_file(), "the host's files stay");
-        assert!(file.is_file());
     }
 }

@@ -6,7 +6,13 @@
 //! - [`task`]: containerd's Task API, mapped onto the pod's agent.
 //! - [`sandbox`]: the pod: its VM, agent connection and host directory.
 //! - [`io`]: stdio between containerd's FIFOs (or log URIs) and the agent.
-//! - [`mount`]: containerd's rootfs mounts into the pod's shared directory.
+//! - [`pod_share`]: every host path of the pod share: containerd's rootfs
+//!   and CRI's bind mounts made in a shim-private directory, the guest's
+//!   read-only view of it, and crossing-free teardown.
+//! - [`hostfs`]: host filesystem operations safe against guest-chosen names:
+//!   mountinfo as bytes, `openat2` resolution, removal that never crosses a
+//!   mount.
+//! - [`ids`]: sandbox, container and exec ids, checked at the edge.
 //! - [`guest_spec`]: the host paths in a CRI spec (bind sources, pause
 //!   namespaces) rewritten for the guest.
 //! - [`bundle`], [`options`], [`config`]: what containerd and the operator
@@ -26,13 +32,15 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod guest_spec;
+pub mod hostfs;
 pub mod hybrid_vsock;
 pub mod hypervisor;
+pub mod ids;
 pub mod io;
 pub mod logging;
-pub mod mount;
 pub mod network;
 pub mod options;
+pub mod pod_share;
 pub mod sandbox;
 pub mod state;
 pub mod task;

@@ -1,18 +1,19 @@
 //! What a pod leaves on the host, and how to remove it after a crash.
 //!
-//! Each sandbox owns `/run/husk/<sandbox-id>/`:
+//! Each sandbox owns `/run/husk/<sandbox-id>/` (mode 0700):
 //!
 //! ```text
 //! state.json            who runs the pod: the shim's and the VM processes' pids
 //! vm/                   the VM's sockets and logs (owned by `PodVm`)
-//! shared/<ctr>/rootfs   each container's rootfs mount, exported by virtio-fs
+//! mounts.json, mounts/, shared/   the pod share (owned by `crate::pod_share`)
 //! ```
 //!
 //! A shim that exits normally removes all of it. After a crash (`kill -9` of
 //! the shim) containerd runs `containerd-shim-husk-v2 delete`, which reads
-//! state.json, kills what is left of the VM, unmounts and removes the
-//! directory. Pids are stored with their start time so that a recycled pid is
-//! never killed by mistake.
+//! state.json, kills what is left of the VM, undoes the share's recorded
+//! mounts and removes the directory, never across a mount that stayed. Pids
+//! are stored with their start time so that a recycled pid is never killed by
+//! mistake.
 
 use std::{
     fs, io,
@@ -23,11 +24,31 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::{hostfs::remove, ids::SandboxId, pod_share};
+
 /// Root of every sandbox's host state.
 pub const STATE_ROOT: &str = "/run/husk";
 
-pub fn sandbox_dir(sandbox_id: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(sandbox_id)
+/// `/run/husk/<id>`: only a checked id names it.
+pub fn sandbox_dir(sandbox_id: &SandboxId) -> PathBuf {
+    Path::new(STATE_ROOT).join(sandbox_id.as_str())
+}
+
+/// Creates the sandbox's directory, 0700 (and `/run/husk`, 0711: each pod's
+/// directory is its own shim's alone).
+pub fn create_sandbox_dir(sandbox_id: &SandboxId) -> io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let root = Path::new(STATE_ROOT);
+    match fs::DirBuilder::new().mode(0o711).create(root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let dir = sandbox_dir(sandbox_id);
+    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    // The umask may have taken bits off; never added any.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
 }
 
 /// A process identified beyond its pid.
@@ -77,11 +98,18 @@ impl SandboxState {
 }
 
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" that closes the command name: state is field 3,
-    // starttime field 22.
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace();
+    // Bytes: the command name (between the parentheses) is whatever the
+    // process set, not necessarily UTF-8.
+    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Fields after the ")" that closes the command name: state is field 3,
+/// starttime field 22.
+fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
     let state = fields.next()?;
     if state == "Z" || state == "X" {
         return None;
@@ -101,11 +129,11 @@ pub enum Cleanup {
     Removed,
 }
 
-/// Removes a sandbox whose shim is gone: SIGKILLs its VM processes, unmounts
-/// everything under its directory and deletes the directory.
-pub fn cleanup_sandbox(sandbox_id: &str) -> io::Result<Cleanup> {
+/// Removes a sandbox whose shim is gone: SIGKILLs its VM processes, undoes
+/// its share's mounts and deletes the directory (see the module docs).
+pub fn cleanup_sandbox(sandbox_id: &SandboxId) -> io::Result<Cleanup> {
     let dir = sandbox_dir(sandbox_id);
-    if !dir.exists() {
+    if fs::symlink_metadata(&dir).is_err() {
         return Ok(Cleanup::Nothing);
     }
     match SandboxState::read(&dir) {
@@ -120,12 +148,25 @@ pub fn cleanup_sandbox(sandbox_id: &str) -> io::Result<Cleanup> {
         }
         // No state file: the shim died before the VM was started (or wrote
         // it); there are no VM processes to find, only mounts and files.
-        Err(e) => warn!(sandbox = sandbox_id, "reading state: {e}"),
+        Err(e) => warn!(sandbox = %sandbox_id, "reading state: {e}"),
     }
-    unmount_under(&dir);
-    fs::remove_dir_all(&dir)?;
-    info!(sandbox = sandbox_id, "removed sandbox leftovers");
+    remove_sandbox_dir(&dir)?;
+    info!(sandbox = %sandbox_id, "removed sandbox leftovers");
     Ok(Cleanup::Removed)
+}
+
+/// Undoes the share's recorded mounts, then removes `dir` without crossing
+/// into a mount; an error lists what was left in place.
+pub fn remove_sandbox_dir(dir: &Path) -> io::Result<()> {
+    let share = pod_share::cleanup(dir);
+    let left = remove::remove_tree(dir)?;
+    if share.is_empty() && left.is_empty() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "left in place under {}:\n{share}{left}",
+        dir.display()
+    )))
 }
 
 fn kill_and_wait(p: &ProcessRef) {
@@ -144,54 +185,6 @@ fn kill_and_wait(p: &ProcessRef) {
         std::thread::sleep(Duration::from_millis(10));
     }
     warn!(pid = p.pid, "VM process still present after SIGKILL");
-}
-
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    found.dedup();
-    found
-}
-
-/// Lazily unmounts every mount at or below `dir`.
-pub fn unmount_under(dir: &Path) {
-    for m in mounts_under(dir) {
-        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
-            warn!("unmounting {}: {e}", m.display());
-        }
-    }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -233,8 +226,13 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mountinfo(r"/a\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    fn stat_with_a_hostile_command_name_parses() {
+        let mut stat = b"42 (a) b\xff) ".to_vec();
+        stat.extend_from_slice(b"S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0");
+        assert_eq!(parse_start_time(&stat), Some(12345));
+        assert_eq!(
+            parse_start_time(b"42 (x) Z 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 9"),
+            None
+        );
     }
 }

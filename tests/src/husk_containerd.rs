@@ -71,7 +71,7 @@ pub fn write_shim_config(path: &Path, extra: &str) -> Result<()> {
         path,
         format!(
             "[hypervisor]\nkernel = \"{}\"\ninitrd = \"{}\"\nvmm_path = \"{}\"\nmemory_mib = 512\n\
-             boot_timeout_secs = 90\n[shim]\nlog_level = \"debug\"\n{extra}",
+             boot_timeout_secs = 90\nagent_timeout_secs = 60\n[shim]\nlog_level = \"debug\"\n{extra}",
             kernel.display(),
             initrd.display(),
             vmm_binary()?.display()
@@ -235,13 +235,52 @@ pub fn processes_matching(needle: &str) -> Vec<u32> {
     found
 }
 
-/// Mount points below `dir`.
+/// Mount points below `dir` (mountinfo read as bytes: a hostile guest can put
+/// non-UTF-8 names in it).
 pub fn mounts_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+    husk_shim::hostfs::mountinfo::read()
         .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(str::to_string)
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .map(|m| m.to_string_lossy().into_owned())
         .collect()
+}
+
+/// Every mount point of the host mount namespace, for before/after comparisons.
+pub fn all_mounts() -> Vec<std::path::PathBuf> {
+    husk_shim::hostfs::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.mount_point)
+        .collect()
+}
+
+/// Waits until nothing of sandbox `id` is left on the host: its shim, VM
+/// processes, mounts and `/run/husk/<id>`.
+pub fn wait_pod_gone(id: &str) {
+    let dir = Path::new("/run/husk").join(id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shims = processes_matching(&format!(
+            "containerd-shim-husk-v2 -namespace husk-test -id {id} "
+        ));
+        let qemu = processes_matching(&format!("husk-{id},"));
+        let vmm = processes_matching(&format!("/run/husk/{id}/"));
+        let mounts = mounts_under(&dir);
+        if shims.is_empty()
+            && qemu.is_empty()
+            && vmm.is_empty()
+            && mounts.is_empty()
+            && !dir.exists()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {id} left: shims {shims:?}, QEMU {qemu:?}, husk-vmm {vmm:?}, mounts {mounts:?}, dir exists {}",
+            dir.exists()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -8,6 +8,7 @@ use std::{path::PathBuf, time::Duration};
 use husk_shim::{
     agent_client::{AgentClient, AgentError, ExitStatus},
     hypervisor::{PodVm, Share, ShutdownOutcome},
+    pod_share::PodShare,
 };
 use serde_json::Value;
 
@@ -16,11 +17,16 @@ use crate::{init_tracing, oci_spec, rootfs::build_busybox_rootfs, vm_spec};
 pub const SHARE_TAG: &str = "husk";
 pub const SHARE_IN_GUEST: &str = "/run/husk/shared";
 
+/// A pod VM driven through the agent directly, with a plain writable share the
+/// tests fill themselves. (The shim's own share, read-only to the guest, is
+/// `husk_shim::pod_share`, tested through containerd in hostile_guest.rs.)
 pub struct Pod {
     vm: Option<PodVm>,
     pub agent: AgentClient,
     /// The pod's shared directory on the host (the guest sees it at [`SHARE_IN_GUEST`]).
     pub shared: PathBuf,
+    /// `shared` bound onto itself as a shared mount (root only).
+    self_bind: bool,
     _tmp: tempfile::TempDir,
 }
 
@@ -37,10 +43,58 @@ impl Pod {
     }
 
     pub async fn boot(name: &str) -> Pod {
-        init_tracing();
+        Self::boot_with(name, None).await
+    }
+
+    /// A pod whose share is the shim's own pod share (a read-only view of
+    /// shim-private mounts), as containerd's pods get: containers need
+    /// [`PodShare::mount_rootfs`] before [`Pod::create`]. Needs root.
+    pub async fn boot_on_pod_share(name: &str) -> (Pod, PodShare) {
         let tmp = tempfile::tempdir().unwrap();
-        let shared = tmp.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
+        let dir = tmp.path().join("pod-share");
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .unwrap();
+        let share = PodShare::create(&dir).expect("pod share");
+        (
+            Self::boot_with(name, Some((tmp, share.view()))).await,
+            share,
+        )
+    }
+
+    async fn boot_with(name: &str, view: Option<(tempfile::TempDir, PathBuf)>) -> Pod {
+        init_tracing();
+        let (tmp, shared, plain) = match view {
+            Some((tmp, view)) => (tmp, view, false),
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                let shared = tmp.path().join("shared");
+                std::fs::create_dir(&shared).unwrap();
+                (tmp, shared, true)
+            }
+        };
+        // As the shim's pod share is: a shared mount, so that mounts made
+        // below it after boot reach husk-vmm's jail (a slave of it).
+        let self_bind = plain && nix::unistd::geteuid().is_root();
+        if self_bind {
+            use nix::mount::{mount, MsFlags};
+            mount(
+                Some(&shared),
+                &shared,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .expect("binding the share onto itself");
+            mount(
+                None::<&str>,
+                &shared,
+                None::<&str>,
+                MsFlags::MS_SHARED,
+                None::<&str>,
+            )
+            .expect("making the share a shared mount");
+        }
         let mut spec = vm_spec(name, tmp.path()).unwrap();
         spec.memory_mib = 512;
         // HUSK_GUEST_LOG=debug turns up the agent's log for a failing test.
@@ -61,6 +115,7 @@ impl Pod {
             vm: Some(vm),
             agent,
             shared,
+            self_bind,
             _tmp: tmp,
         }
     }
@@ -140,6 +195,10 @@ impl Drop for Pod {
                 vm.hypervisor(),
                 read(vm.vm_log_path())
             );
+        }
+        self.vm = None;
+        if self.self_bind {
+            let _ = nix::mount::umount2(&self.shared, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }

@@ -2,10 +2,10 @@
 //! annotations), `kill -9` of the shim followed by containerd's cleanup
 //! leaving nothing behind, and a malformed bundle answered with a clear error.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_tests::husk_containerd::{
-    describe, mounts_under, processes_matching, setup, tail, HuskContainerd,
+    describe, mounts_under, processes_matching, setup, tail, wait_pod_gone, HuskContainerd,
 };
 
 const UP: Duration = Duration::from_secs(120);
@@ -93,33 +93,7 @@ fn containers_annotated_into_one_pod_share_its_vm() {
     h.wait_status("pod1", "STOPPED", UP).unwrap();
     h.ctr_ok(&["task", "delete", "pod1"]);
     h.ctr_ok(&["containers", "rm", "pod1"]);
-    wait_gone("pod1");
-}
-
-/// Waits until nothing of sandbox `id` is left on the host.
-fn wait_gone(id: &str) {
-    let dir = std::path::Path::new("/run/husk").join(id);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let shims = shim_pids(id);
-        let qemu = processes_matching(&format!("husk-{id},"));
-        let vmm = processes_matching(&format!("/run/husk/{id}/"));
-        let mounts = mounts_under(&dir);
-        if shims.is_empty()
-            && qemu.is_empty()
-            && vmm.is_empty()
-            && mounts.is_empty()
-            && !dir.exists()
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: shims {shims:?}, QEMU {qemu:?}, husk-vmm {vmm:?}, mounts {mounts:?}, dir exists {}",
-            dir.exists()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_pod_gone("pod1");
 }
 
 #[test]
@@ -141,7 +115,7 @@ fn killed_shim_is_cleaned_up_by_delete() {
     )
     .unwrap();
     // containerd notices the dead shim and runs `containerd-shim-husk-v2 delete`.
-    wait_gone("crash");
+    wait_pod_gone("crash");
     // containerd reports the task stopped (or has dropped it already).
     assert_ne!(h.task_status("crash").as_deref(), Some("RUNNING"));
     let _ = h.containerd.ctr(&["task", "delete", "crash"]);
@@ -184,5 +158,5 @@ fn malformed_bundle_gets_a_clear_error() {
         describe(&out),
         tail(&h.containerd.log())
     );
-    wait_gone("bad");
+    wait_pod_gone("bad");
 }

@@ -99,6 +99,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub boot: BootSource,
     pub console_log: Option<PathBuf>,
+    /// The console log's cap (the guest writes it as fast as it likes).
+    pub console_log_max_bytes: u64,
     pub vsock: Option<VsockConfig>,
     pub rng: bool,
     pub net: Option<NetConfig>,
@@ -119,6 +121,7 @@ impl VmConfig {
             memory_mib: 128,
             boot,
             console_log: None,
+            console_log_max_bytes: husk_bounds::DEFAULT_LOG_MAX_BYTES,
             vsock: None,
             rng: false,
             net: None,
@@ -341,16 +344,21 @@ impl Vmm {
             BootSource::Program { .. } => (None, None),
         };
         let console: Box<dyn Write + Send> = match &cfg.console_log {
-            Some(path) => Box::new(
-                OpenOptions::new()
+            Some(path) => {
+                let err = |source| BuildError::ConsoleLog {
+                    path: path.clone(),
+                    source,
+                };
+                let file = OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| BuildError::ConsoleLog {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
+                    .map_err(err)?;
+                Box::new(
+                    husk_bounds::BoundedLog::from_file(file, cfg.console_log_max_bytes)
+                        .map_err(err)?,
+                )
+            }
             None => Box::new(io::sink()),
         };
 

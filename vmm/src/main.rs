@@ -88,6 +88,9 @@ struct VhostUserNetArgs {
     /// sees; this one is offered too when QEMU asks for the config space.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
+    /// Most fds the process may hold (it needs a handful).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_open_files: u64,
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +105,10 @@ struct VhostUserVsockArgs {
     /// The guest's context id (3 or more).
     #[arg(long, value_name = "CID", default_value_t = 3)]
     guest_cid: u64,
+    /// Most fds the process may hold: bounds the host connections a guest can make it keep
+    /// (the device itself allows 1024 at once).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_open_files: u64,
 }
 
 fn main() -> ExitCode {
@@ -140,6 +147,8 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
             u32::MAX - 1
         );
     }
+    limit_open_files(args.max_open_files)
+        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
     let sockets = vec![args.uds.clone(), args.socket.clone()];
     exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
 
@@ -217,6 +226,8 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
         (None, Some(fd)) => tap_from_raw_fd(fd).with_context(|| format!("--tap-fd {fd}"))?,
         (None, None) => bail!("one of --tap or --tap-fd is required"),
     };
+    limit_open_files(args.max_open_files)
+        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
     let tap_name = tap.name().to_string();
     let device = NetDevice::new(tap, mac).context("cannot set up the net device")?;
     let sockets = vec![args.socket.clone()];

@@ -75,8 +75,14 @@ const COMMON: &[i64] = &[
 ];
 
 /// vCPU threads also reset devices on the driver's request, which may close host
-/// connections and take them off the device's epoll.
-const VCPU: &[i64] = &[libc::SYS_epoll_ctl, libc::SYS_shutdown, libc::SYS_read];
+/// connections and take them off the device's epoll; and write the serial console, whose
+/// capped log starts over with ftruncate when full (husk_bounds::BoundedLog).
+const VCPU: &[i64] = &[
+    libc::SYS_epoll_ctl,
+    libc::SYS_shutdown,
+    libc::SYS_read,
+    libc::SYS_ftruncate,
+];
 
 /// The event loop: epoll, eventfds, the vsock host side (accepting, connecting to
 /// `<uds>_<port>`, streaming), the rng's reads, timers, the API socket, kicking vCPUs, and

@@ -291,6 +291,91 @@ fn binary_logs_where_a_guest_triple_faulted_jailed_under_seccomp() {
     assert!(!uds.exists(), "vsock socket removed at exit");
 }
 
+/// A guest that floods its console, jailed and under seccomp: the log never grows past
+/// --console-log-max-bytes and keeps the newest output.
+#[test]
+fn binary_caps_the_console_log_of_a_flooding_guest() {
+    require_kvm!("binary_caps_the_console_log_of_a_flooding_guest");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut flood = Vec::new();
+    for i in 0..400 {
+        flood.extend_from_slice(
+            format!("flood line {i:04} .............................\n").as_bytes(),
+        );
+    }
+    flood.extend_from_slice(b"LAST LINE\n");
+    let code = Asm::new().serial_write(&flood).i8042_reset().build();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf_for(&code, 0x20_0000)).expect("write kernel");
+    let log = dir.path().join("console.log");
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let out = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--memory",
+            "64",
+            "--console-log-max-bytes",
+            "4096",
+            "--console-log",
+        ])
+        .arg(&log)
+        .args(["--max-open-files", "64"])
+        // The jail keeps the vsock socket's directory visible: it needs one.
+        .arg("--vsock-uds")
+        .arg(dir.path().join("vsock.sock"))
+        .args(root.then_some("--jail"))
+        .output()
+        .expect("spawn husk-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "husk-vmm failed: {stderr}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(flood.len() > 4 * 4096);
+    assert!(text.len() <= 4096, "{} bytes", text.len());
+    assert!(
+        text.starts_with("[log reached its cap of 4096 bytes"),
+        "{text:.100}"
+    );
+    assert!(text.ends_with("LAST LINE\n"), "{text}");
+}
+
+/// Every subcommand caps its open files (--max-open-files): what a guest can make it hold.
+#[test]
+fn backends_cap_their_open_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("vsock.vhost");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("vhost-user-vsock")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--uds")
+        .arg(dir.path().join("vsock.sock"))
+        .args(["--max-open-files", "77"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn husk-vmm");
+    let limits = format!("/proc/{}/limits", child.id());
+    let mut line = String::new();
+    for _ in 0..500 {
+        if socket.exists() {
+            line = std::fs::read_to_string(&limits)
+                .expect("limits")
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .unwrap_or_default()
+                .to_string();
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.get(3..5), Some(&["77", "77"][..]), "{line:?}");
+}
+
 #[test]
 fn binary_names_the_bad_argument() {
     let out = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))

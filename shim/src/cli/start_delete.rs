@@ -62,7 +62,10 @@ pub async fn start_command(flags: &Flags) -> Result<(), Error> {
 pub async fn start(opts: StartOpts) -> Result<String, Error> {
     let cwd =
         std::env::current_dir().map_err(|e| Error::Other(format!("working directory: {e}")))?;
-    let grouping = bundle::sandbox_id_of(&cwd, &opts.id);
+    crate::ids::check("container", &opts.id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let grouping = bundle::sandbox_id_of(&cwd, &opts.id)
+        .map_err(|e| Error::InvalidArgument(format!("bundle {}: {e}", cwd.display())))?;
+    let grouping = grouping.as_str().to_string();
     let address = opts.socket_address(&grouping);
     let path = address.strip_prefix("unix://").unwrap_or(&address);
     if grouping != opts.id && UnixStream::connect(path).is_ok() {
@@ -96,17 +99,25 @@ pub fn delete_command(flags: &Flags) -> Result<(), Error> {
 /// Removes what a dead shim left: its VM processes, mounts and state
 /// directory. Harmless when the shim (or nothing) is there.
 pub fn delete(container_id: &str, bundle_dir: &Path) -> DeleteResponse {
-    let sandbox = bundle::sandbox_id_of(bundle_dir, container_id);
-    match state::cleanup_sandbox(&sandbox) {
-        Ok(Cleanup::Removed) => info!(%sandbox, "cleaned up after a dead shim"),
-        Ok(Cleanup::ShimAlive) => info!(%sandbox, "the pod's shim still runs; nothing to clean"),
-        Ok(Cleanup::Nothing) => {}
-        Err(e) => warn!(%sandbox, "cleaning up: {e}"),
+    // An id that is not a plain name (`../..` in a CRI annotation) names no
+    // sandbox directory: nothing of it is touched.
+    match bundle::sandbox_id_of(bundle_dir, container_id) {
+        Ok(sandbox) => clean_up(&sandbox),
+        Err(e) => warn!(bundle = %bundle_dir.display(), "delete: {e}; nothing cleaned up"),
     }
     DeleteResponse {
         pid: 0,
         exit_status: KILLED,
         exited_at: Some(now()).into(),
         ..Default::default()
+    }
+}
+
+fn clean_up(sandbox: &crate::ids::SandboxId) {
+    match state::cleanup_sandbox(sandbox) {
+        Ok(Cleanup::Removed) => info!(%sandbox, "cleaned up after a dead shim"),
+        Ok(Cleanup::ShimAlive) => info!(%sandbox, "the pod's shim still runs; nothing to clean"),
+        Ok(Cleanup::Nothing) => {}
+        Err(e) => warn!(%sandbox, "cleaning up: {e}"),
     }
 }

@@ -190,38 +190,32 @@ fn systemd_path(s: &str) -> Option<PathBuf> {
 /// cgroup2, otherwise (legacy or hybrid, where containerd reads v1) each v1 hierarchy of
 /// [`V1_CONTROLLERS`].
 pub fn hierarchy_roots() -> Result<Vec<PathBuf>, CgroupError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let roots = roots_from_mountinfo(&mountinfo);
+    // As bytes: a guest can put a non-UTF-8 name into the host's mountinfo
+    // (a directory it renames below a mount), and that must not hide the
+    // cgroup hierarchies from every later pod.
+    let entries = crate::hostfs::mountinfo::read().unwrap_or_default();
+    let roots = roots_from_mountinfo(&entries);
     if roots.is_empty() {
         return Err(CgroupError::NoHierarchy);
     }
     Ok(roots)
 }
 
-fn roots_from_mountinfo(mountinfo: &str) -> Vec<PathBuf> {
+fn roots_from_mountinfo(entries: &[crate::hostfs::mountinfo::MountEntry]) -> Vec<PathBuf> {
     let mut v1 = Vec::new();
-    for line in mountinfo.lines() {
-        // "<id> <parent> <dev> <root> <mount point> <options> [optional...] - <fstype> <source> <super options>"
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount_point) = left.split_whitespace().nth(4) else {
-            continue;
-        };
-        let mut r = right.split_whitespace();
-        let (fstype, super_opts) = (r.next(), r.nth(1).unwrap_or(""));
-        match fstype {
-            Some("cgroup2") if mount_point == CGROUP_ROOT => {
+    for e in entries {
+        match e.fs_type.as_str() {
+            "cgroup2" if e.mount_point == Path::new(CGROUP_ROOT) => {
                 return vec![PathBuf::from(CGROUP_ROOT)];
             }
-            Some("cgroup")
-                if Path::new(mount_point).starts_with(CGROUP_ROOT)
-                    && super_opts.split(',').any(|o| V1_CONTROLLERS.contains(&o)) =>
+            "cgroup"
+                if e.mount_point.starts_with(CGROUP_ROOT)
+                    && e.super_options
+                        .split(',')
+                        .any(|o| V1_CONTROLLERS.contains(&o))
+                    && !v1.contains(&e.mount_point) =>
             {
-                let p = PathBuf::from(mount_point);
-                if !v1.contains(&p) {
-                    v1.push(p);
-                }
+                v1.push(e.mount_point.clone());
             }
             _ => {}
         }
@@ -278,8 +272,18 @@ mod tests {
 34 30 0:30 / /sys/fs/cgroup/cpuset rw - cgroup cgroup rw,cpuset
 35 30 0:31 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
 ";
+        let parse = |t: &str| crate::hostfs::mountinfo::parse(t.as_bytes());
+        let mut hostile = hybrid.as_bytes().to_vec();
+        hostile.extend_from_slice(
+            b"91 22 0:45 / /run/husk/p/mounts/\xff\xfe/x rw - overlay overlay rw\n",
+        );
         assert_eq!(
-            roots_from_mountinfo(hybrid),
+            roots_from_mountinfo(&crate::hostfs::mountinfo::parse(&hostile)).len(),
+            2,
+            "a non-UTF-8 mount point hides nothing"
+        );
+        assert_eq!(
+            roots_from_mountinfo(&parse(hybrid)),
             vec![
                 PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"),
                 PathBuf::from("/sys/fs/cgroup/memory")
@@ -287,10 +291,10 @@ mod tests {
         );
         let unified = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
-            roots_from_mountinfo(unified),
+            roots_from_mountinfo(&parse(unified)),
             vec![PathBuf::from("/sys/fs/cgroup")]
         );
-        assert!(roots_from_mountinfo("").is_empty());
+        assert!(roots_from_mountinfo(&parse("")).is_empty());
     }
 
     /// Needs root and a cgroup hierarchy: creates a cgroup, moves a child into it before

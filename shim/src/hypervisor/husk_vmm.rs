@@ -31,6 +31,10 @@ pub fn args(spec: &VmSpec, paths: &HuskVmmPaths<'_>) -> Vec<OsString> {
     arg("--guest-cid", spec.guest_cid.to_string().into());
     arg("--api-sock", paths.api_sock.into());
     arg("--console-log", paths.console_log.into());
+    arg(
+        "--console-log-max-bytes",
+        spec.log_max_bytes.to_string().into(),
+    );
     if let Some(share) = &spec.share {
         arg("--shared-dir", share.dir.clone().into());
         arg("--fs-tag", share.tag.clone().into());

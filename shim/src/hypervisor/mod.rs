@@ -10,6 +10,7 @@
 pub mod cgroup;
 pub mod detect;
 pub mod husk_vmm;
+pub mod logs;
 mod pod_vm;
 pub mod qemu;
 
@@ -101,6 +102,11 @@ pub struct VmSpec {
     /// The host cgroup the VM's processes run in (the sandbox container's OCI
     /// `linux.cgroupsPath`), created by the launch and removed at teardown.
     pub cgroups_path: Option<String>,
+    /// The cap on each log file the VM feeds (console, agent log, each
+    /// process's output).
+    pub log_max_bytes: u64,
+    /// How many guest-initiated agent-log connections are served at once.
+    pub agent_log_connections: usize,
 }
 
 /// A virtio-net device backed by a tap the caller opened (in the pod's
@@ -152,6 +158,8 @@ impl VmSpec {
             network: None,
             jail: true,
             cgroups_path: None,
+            log_max_bytes: husk_bounds::DEFAULT_LOG_MAX_BYTES,
+            agent_log_connections: DEFAULT_AGENT_LOG_CONNECTIONS,
         }
     }
 }
@@ -175,3 +183,6 @@ pub fn kernel_cmdline(spec: &VmSpec) -> String {
 
 /// Host port the agent connects to for its log stream.
 pub const DEFAULT_AGENT_LOG_PORT: u32 = 1025;
+/// The agent opens one log connection (again after a reconnect); a few more
+/// are tolerated, any beyond are closed.
+pub const DEFAULT_AGENT_LOG_CONNECTIONS: usize = 4;

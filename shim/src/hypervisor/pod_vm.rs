@@ -17,7 +17,6 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt,
     net::UnixListener,
     process::{Child, Command},
     task::JoinHandle,
@@ -26,7 +25,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     cgroup::{self, CgroupError, PodCgroup},
-    detect, husk_vmm, qemu, Accel, AccelChoice, Hypervisor, HypervisorChoice, VmSpec,
+    detect, husk_vmm,
+    logs::{self, SharedLog},
+    qemu, Accel, AccelChoice, Hypervisor, HypervisorChoice, VmSpec,
 };
 use crate::agent_client::{AgentClient, AgentError};
 
@@ -97,6 +98,8 @@ struct Paths {
     vsock_uds: PathBuf,
     vhost_vsock: PathBuf,
     console_log: PathBuf,
+    /// QEMU's serial console connects here; the shim writes console.log.
+    console_sock: PathBuf,
     qemu_log: PathBuf,
     husk_vmm_log: PathBuf,
     api_sock: PathBuf,
@@ -111,6 +114,7 @@ impl Paths {
             vsock_uds: dir.join("vsock.sock"),
             vhost_vsock: dir.join("vsock.vhost"),
             console_log: dir.join("console.log"),
+            console_sock: dir.join("console.sock"),
             qemu_log: dir.join("qemu.log"),
             husk_vmm_log: dir.join("husk-vmm.log"),
             api_sock: dir.join("api.sock"),
@@ -129,13 +133,14 @@ pub struct PodVm {
     /// QEMU, or husk-vmm running the whole VM.
     vm: Option<Child>,
     backends: Vec<Backend>,
-    log_task: Option<JoinHandle<()>>,
+    /// Log listeners (console, agent log): aborted at teardown.
+    log_servers: Vec<JoinHandle<()>>,
+    /// The VM processes' stdout and stderr into their logs: they end at EOF.
+    log_pipes: Vec<JoinHandle<()>>,
     agent: Option<AgentClient>,
     timings: LaunchTimings,
     /// Where the VM's processes run on the host; removed after they are gone.
     cgroup: Option<PodCgroup>,
-    /// The share as a shared mount, for husk-vmm's jail; undone after the VM.
-    share_mount: Option<ShareMount>,
 }
 
 impl PodVm {
@@ -161,11 +166,11 @@ impl PodVm {
             hypervisor,
             vm: None,
             backends: Vec::new(),
-            log_task: None,
+            log_servers: Vec::new(),
+            log_pipes: Vec::new(),
             agent: None,
             timings: LaunchTimings::default(),
             cgroup: None,
-            share_mount: None,
         };
         if let Some(path) = &vm.spec.cgroups_path {
             vm.cgroup = Some(PodCgroup::create(path)?);
@@ -177,12 +182,10 @@ impl PodVm {
                 vm.start_backends().await?;
                 vm.timings.vmm_ready = start.elapsed();
                 vm.start_agent_log_listener()?;
+                vm.start_console_listener()?;
                 vm.start_qemu()?;
             }
             Hypervisor::HuskVmm => {
-                if let (Some(share), true) = (&vm.spec.share, vm.spec.jail) {
-                    vm.share_mount = Some(ShareMount::new(&share.dir)?);
-                }
                 // Guest-initiated connections find the listener from the start.
                 vm.start_agent_log_listener()?;
                 vm.start_husk_vmm()?;
@@ -231,6 +234,11 @@ impl PodVm {
     /// The agent's log as received over its guest-initiated vsock connection.
     pub fn agent_log_path(&self) -> &Path {
         &self.paths.agent_log
+    }
+
+    /// The cap on each of the VM's log files.
+    pub fn log_max_bytes(&self) -> u64 {
+        self.spec.log_max_bytes
     }
 
     /// Process ids of the VM process (first: QEMU or husk-vmm) and the
@@ -324,12 +332,41 @@ impl PodVm {
                 warn!(id = %self.spec.id, "killing {name}: {e}");
             }
         }
-        if let Some(t) = self.log_task.take() {
+        // The processes are gone, so their pipes reach EOF: let the last
+        // lines (a panic, a fatal error) reach the logs, briefly.
+        let mut pipes = std::mem::take(&mut self.log_pipes);
+        let drain = async {
+            for t in pipes.iter_mut() {
+                let _ = t.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), drain).await;
+        for t in pipes {
             t.abort();
         }
+        self.stop_log_tasks();
         self.remove_cgroup();
-        self.share_mount = None;
         remove_state_dir(&self.paths.dir);
+    }
+
+    fn stop_log_tasks(&mut self) {
+        for t in self.log_servers.drain(..).chain(self.log_pipes.drain(..)) {
+            t.abort();
+        }
+    }
+
+    /// Sends `child`'s stdout and stderr into the capped log at `path`.
+    fn pipe_logs(&mut self, child: &mut Child, path: &Path) -> Result<(), LaunchError> {
+        let log =
+            SharedLog::create(path, self.spec.log_max_bytes).map_err(|e| state_err(path, e))?;
+        if let Some(out) = child.stdout.take() {
+            self.log_pipes
+                .push(tokio::spawn(logs::copy_into(out, log.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            self.log_pipes.push(tokio::spawn(logs::copy_into(err, log)));
+        }
+        Ok(())
     }
 
     /// Once every VM process is reaped.
@@ -378,13 +415,13 @@ impl PodVm {
                 .paths
                 .dir
                 .join(format!("{}.log", what.replace([' ', '-'], "_")));
-            let log = create_log(&log_path)?;
             let mut cmd = Command::new(&self.spec.vmm_binary);
             cmd.args(args)
                 .stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(|e| state_err(&log_path, e))?)
-                .stderr(log);
-            let child = spawn(cmd, what, &self.spec.vmm_binary, self.cgroup_fds())?;
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = spawn(cmd, what, &self.spec.vmm_binary, self.cgroup_fds())?;
+            self.pipe_logs(&mut child, &log_path)?;
             self.backends.push(Backend {
                 what,
                 child,
@@ -394,6 +431,9 @@ impl PodVm {
         }
         let timeout = Duration::from_secs(5);
         let deadline = Instant::now() + timeout;
+        // Backing off from 1 ms to 50 ms: a backend is usually up within a few
+        // ms, and a slow one is not worth re-reading /proc/net/unix for.
+        let mut pause = Duration::from_millis(1);
         for b in self.backends.iter_mut() {
             // Not a probe connection: a backend serves exactly one front
             // end, so a test connect would use it up.
@@ -413,7 +453,8 @@ impl PodVm {
                         log: tail(&b.log),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
         }
         Ok(())
@@ -427,7 +468,6 @@ impl PodVm {
     }
 
     fn start_qemu(&mut self) -> Result<(), LaunchError> {
-        let log = create_log(&self.paths.qemu_log)?;
         let args = qemu::args(
             &self.spec,
             self.accel,
@@ -438,34 +478,42 @@ impl PodVm {
                     .share
                     .as_ref()
                     .map(|_| self.paths.vhost_fs.as_path()),
-                console_log: &self.paths.console_log,
+                console_sock: &self.paths.console_sock,
             },
         );
         let mut cmd = Command::new(&self.spec.qemu_binary);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| state_err(&self.paths.qemu_log, e))?,
-            )
-            .stderr(log);
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         if let Some(net) = &self.spec.network {
             inherit_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&*net.tap));
         }
         debug!(id = %self.spec.id, ?cmd, "starting QEMU");
-        self.vm = Some(spawn(
-            cmd,
-            "QEMU",
-            &self.spec.qemu_binary,
-            self.cgroup_fds(),
-        )?);
+        let mut child = spawn(cmd, "QEMU", &self.spec.qemu_binary, self.cgroup_fds())?;
+        let log = self.paths.qemu_log.clone();
+        self.pipe_logs(&mut child, &log)?;
+        self.vm = Some(child);
+        Ok(())
+    }
+
+    /// QEMU's serial console connects to this socket at start-up; what the
+    /// guest prints goes into the capped console.log.
+    fn start_console_listener(&mut self) -> Result<(), LaunchError> {
+        let sock = &self.paths.console_sock;
+        let listener = UnixListener::bind(sock).map_err(|e| state_err(sock, e))?;
+        let log = SharedLog::create(&self.paths.console_log, self.spec.log_max_bytes)
+            .map_err(|e| state_err(&self.paths.console_log, e))?;
+        // One connection is QEMU's; a second could only be another local
+        // process, and is refused.
+        self.log_servers
+            .push(logs::serve(listener, log, 1, "console"));
         Ok(())
     }
 
     /// One `husk-vmm run` process: vCPUs and every device (vsock, virtio-fs,
     /// net, rng) on KVM. The agent answering is its readiness.
     fn start_husk_vmm(&mut self) -> Result<(), LaunchError> {
-        let log = create_log(&self.paths.husk_vmm_log)?;
         let args = husk_vmm::args(
             &self.spec,
             &husk_vmm::HuskVmmPaths {
@@ -477,26 +525,21 @@ impl PodVm {
         let mut cmd = Command::new(&self.spec.vmm_binary);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(
-                log.try_clone()
-                    .map_err(|e| state_err(&self.paths.husk_vmm_log, e))?,
-            )
-            .stderr(log);
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         if let Some(net) = &self.spec.network {
             inherit_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&*net.tap));
         }
         debug!(id = %self.spec.id, ?cmd, "starting husk-vmm");
-        self.vm = Some(spawn(
-            cmd,
-            "husk-vmm",
-            &self.spec.vmm_binary,
-            self.cgroup_fds(),
-        )?);
+        let mut child = spawn(cmd, "husk-vmm", &self.spec.vmm_binary, self.cgroup_fds())?;
+        let log = self.paths.husk_vmm_log.clone();
+        self.pipe_logs(&mut child, &log)?;
+        self.vm = Some(child);
         Ok(())
     }
 
-    /// Accepts the agent's guest-initiated log connection(s) on
-    /// `<vsock uds>_<port>` and appends what arrives to agent.log.
+    /// Accepts the agent's guest-initiated log connections on
+    /// `<vsock uds>_<port>` (a few at most) into the capped agent.log.
     fn start_agent_log_listener(&mut self) -> Result<(), LaunchError> {
         let Some(port) = self.spec.agent_log_port else {
             return Ok(());
@@ -504,33 +547,14 @@ impl PodVm {
         let mut path = self.paths.vsock_uds.clone().into_os_string();
         path.push(format!("_{port}"));
         let listener = UnixListener::bind(&path).map_err(|e| state_err(Path::new(&path), e))?;
-        let log_path = self.paths.agent_log.clone();
-        let id = self.spec.id.clone();
-        self.log_task = Some(tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let log_path = log_path.clone();
-                let id = id.clone();
-                tokio::spawn(async move {
-                    let file = tokio::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log_path)
-                        .await;
-                    match file {
-                        Ok(mut f) => {
-                            if let Err(e) = tokio::io::copy(&mut stream, &mut f).await {
-                                debug!(%id, "agent log stream ended: {e}");
-                            }
-                            let _ = f.flush().await;
-                        }
-                        Err(e) => warn!(%id, "opening {}: {e}", log_path.display()),
-                    }
-                });
-            }
-        }));
+        let log = SharedLog::create(&self.paths.agent_log, self.spec.log_max_bytes)
+            .map_err(|e| state_err(&self.paths.agent_log, e))?;
+        self.log_servers.push(logs::serve(
+            listener,
+            log,
+            self.spec.agent_log_connections,
+            "agent log",
+        ));
         Ok(())
     }
 
@@ -647,11 +671,8 @@ impl Drop for PodVm {
         {
             reap_now(child);
         }
-        if let Some(t) = self.log_task.take() {
-            t.abort();
-        }
+        self.stop_log_tasks();
         self.remove_cgroup();
-        self.share_mount = None;
         remove_state_dir(&self.paths.dir);
     }
 }
@@ -721,51 +742,6 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
         return bad(format!("id {:?} must be non-empty [A-Za-z0-9._-]", spec.id));
     }
     Ok(())
-}
-
-/// The share bound onto itself and made a shared mount. husk-vmm's jail
-/// binds the share as a slave of the host's mount; on a host whose mounts are
-/// private, mounts made under the share after the VM started (each
-/// container's rootfs) would not reach the jail otherwise.
-struct ShareMount(PathBuf);
-
-impl ShareMount {
-    fn new(dir: &Path) -> Result<ShareMount, LaunchError> {
-        use nix::mount::{mount, MsFlags};
-        let err = |what: &str, e: nix::errno::Errno| {
-            LaunchError::InvalidSpec(format!(
-                "share {}: {what}: {}",
-                dir.display(),
-                io::Error::from_raw_os_error(e as i32)
-            ))
-        };
-        mount(
-            Some(dir),
-            dir,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| err("binding it onto itself", e))?;
-        let undo = ShareMount(dir.to_path_buf());
-        mount(
-            None::<&str>,
-            dir,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .map_err(|e| err("making it a shared mount", e))?;
-        Ok(undo)
-    }
-}
-
-impl Drop for ShareMount {
-    fn drop(&mut self) {
-        if let Err(e) = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH) {
-            warn!("unmounting the share's own bind {}: {e}", self.0.display());
-        }
-    }
 }
 
 /// Lets the VM process inherit the pod's tap. The fd is close-on-exec (so
@@ -853,10 +829,6 @@ fn spawn(
         binary: binary.to_path_buf(),
         source,
     })
-}
-
-fn create_log(path: &Path) -> Result<fs::File, LaunchError> {
-    fs::File::create(path).map_err(|e| state_err(path, e))
 }
 
 fn state_err(path: &Path, source: io::Error) -> LaunchError {

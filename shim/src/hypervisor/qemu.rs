@@ -10,7 +10,8 @@ pub struct QemuPaths<'a> {
     pub vhost_vsock_socket: &'a Path,
     /// husk-vmm's vhost-user-fs socket, when the VM has a share.
     pub vhost_fs_socket: Option<&'a Path>,
-    pub console_log: &'a Path,
+    /// The shim's listener for the serial console (QEMU connects at start).
+    pub console_sock: &'a Path,
 }
 
 /// Arguments for `qemu-system-x86_64`.
@@ -48,9 +49,13 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
     for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(flag.into());
     }
-    push("-serial".into());
-    a.push(prefixed("file:", paths.console_log));
+    // The console goes to the shim, which caps the file it lands in: QEMU's
+    // own file: backend would grow without bound with a chatty guest.
+    push("-chardev".into());
+    a.push(prefixed("socket,id=con0,path=", paths.console_sock));
     let mut push = |s: String| a.push(s.into());
+    push("-serial".into());
+    push("chardev:con0".into());
     push("-kernel".into());
     a.push(spec.kernel.clone().into());
     a.push("-initrd".into());
@@ -108,14 +113,14 @@ mod tests {
     #[test]
     fn command_line_carries_memory_cpus_and_devices() {
         let vhost = PathBuf::from("/run/husk/t1/vsock.vhost");
-        let console = PathBuf::from("/run/husk/t1/console.log");
+        let console = PathBuf::from("/run/husk/t1/console.sock");
         let a: Vec<String> = args(
             &spec(),
             Accel::Tcg,
             &QemuPaths {
                 vhost_vsock_socket: &vhost,
                 vhost_fs_socket: None,
-                console_log: &console,
+                console_sock: &console,
             },
         )
         .into_iter()
@@ -129,7 +134,9 @@ mod tests {
         assert!(joined.contains("-smp 2"), "{joined}");
         assert!(joined.contains("-accel tcg -cpu max"), "{joined}");
         assert!(
-            joined.contains("-serial file:/run/husk/t1/console.log"),
+            joined.contains(
+                "-chardev socket,id=con0,path=/run/husk/t1/console.sock -serial chardev:con0"
+            ),
             "{joined}"
         );
         assert!(
@@ -143,7 +150,7 @@ mod tests {
             &QemuPaths {
                 vhost_vsock_socket: &vhost,
                 vhost_fs_socket: None,
-                console_log: &console,
+                console_sock: &console,
             },
         );
         assert!(kvm.iter().any(|s| s == "host"));
@@ -164,7 +171,7 @@ mod tests {
             &QemuPaths {
                 vhost_vsock_socket: &vhost,
                 vhost_fs_socket: Some(&fs_sock),
-                console_log: &console,
+                console_sock: &console,
             },
         )
         .into_iter()
@@ -177,11 +184,11 @@ mod tests {
     #[test]
     fn network_adds_a_tap_netdev_with_the_pod_mac() {
         let vhost = PathBuf::from("/run/husk/t1/vsock.vhost");
-        let console = PathBuf::from("/run/husk/t1/console.log");
+        let console = PathBuf::from("/run/husk/t1/console.sock");
         let paths = QemuPaths {
             vhost_vsock_socket: &vhost,
             vhost_fs_socket: None,
-            console_log: &console,
+            console_sock: &console,
         };
         let joined = |s: &VmSpec| {
             args(s, Accel::Tcg, &paths)

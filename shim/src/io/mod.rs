@@ -22,7 +22,7 @@ use tokio::{
     sync::Notify,
     task::JoinHandle,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::agent_client::AgentClient;
 
@@ -195,6 +195,9 @@ async fn copy_out(
     mut sink: Option<sinks::Sink>,
 ) {
     let mut errors = 0;
+    // A long poll that answers empty at once, again and again, is a guest
+    // that wants the host to spin: back off until data comes.
+    let mut idle = Duration::ZERO;
     loop {
         let r = match stream {
             Stream::Stdout => agent.read_stdout(&cid, &exec, READ_WAIT).await,
@@ -204,8 +207,11 @@ async fn copy_out(
             Ok(Some(data)) => {
                 errors = 0;
                 if data.is_empty() {
+                    idle = (idle * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tokio::time::sleep(idle).await;
                     continue;
                 }
+                idle = Duration::ZERO;
                 if let Some(s) = sink.as_mut() {
                     if let Err(e) = s.write_all(&data).await {
                         // The reader went away: keep draining the guest.
@@ -221,7 +227,7 @@ async fn copy_out(
                     debug!(%cid, ?stream, "output stream ended: {e}");
                     break;
                 }
-                warn!(%cid, ?stream, "reading output: {e}");
+                husk_bounds::ratelimited!(warn, %cid, ?stream, "reading output: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

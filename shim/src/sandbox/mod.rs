@@ -5,7 +5,7 @@
 //! down when containerd shuts the shim down after the last container is
 //! deleted. See [`crate::state`] for the directory layout.
 
-mod oom;
+pub mod oom;
 
 use std::{
     fs,
@@ -21,7 +21,9 @@ use crate::{
     config::Config,
     events::Events,
     hypervisor::{NetDevice, PodVm, Share, VmSpec},
+    ids::SandboxId,
     network::{format_mac, NetworkError, PodNetwork},
+    pod_share::{PodShare, ShareError},
     state::{self, ProcessRef, SandboxState},
 };
 
@@ -32,8 +34,6 @@ pub const SHARE_IN_GUEST: &str = "/run/husk/shared";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox id {0:?} must be 1-64 characters of [A-Za-z0-9_.-]")]
-    BadId(String),
     #[error("{0}")]
     Config(String),
     #[error("sandbox {id} is already running (its shim, pid {pid}, is alive)")]
@@ -49,6 +49,8 @@ pub enum SandboxError {
     Agent(#[from] crate::agent_client::AgentError),
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
 }
 
 /// How long the boot took, for logs and the bench.
@@ -59,14 +61,18 @@ pub struct BootTimings {
 }
 
 pub struct Sandbox {
-    id: String,
+    id: SandboxId,
     dir: PathBuf,
     vm: Option<PodVm>,
+    /// The pod share; torn down after the VM, which exports it.
+    share: Option<PodShare>,
     /// The tap and tc redirect in the pod's network namespace; torn down
     /// after the VM, which holds the tap.
     network: Option<PodNetwork>,
     agent: AgentClient,
     console_copy: Option<PathBuf>,
+    /// The pod's container ids, for checking what the guest reports.
+    known: oom::KnownContainers,
     oom_task: JoinHandle<()>,
     pub timings: BootTimings,
 }
@@ -77,7 +83,7 @@ impl Sandbox {
     /// in it), whose network the VM takes over. `cgroups_path`: the sandbox
     /// container's OCI `linux.cgroupsPath`, where the VM's processes run.
     pub async fn boot(
-        id: &str,
+        id: &SandboxId,
         hostname: &str,
         netns: Option<&Path>,
         cgroups_path: Option<&str>,
@@ -85,18 +91,10 @@ impl Sandbox {
         events: Events,
     ) -> Result<Sandbox, SandboxError> {
         let start = std::time::Instant::now();
-        if id.is_empty()
-            || id.len() > 64
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(SandboxError::BadId(id.to_string()));
-        }
         let dir = state::sandbox_dir(id);
         // A directory left by a shim that crashed before containerd ran
         // `delete`: remove it; one whose shim still runs is a conflict.
-        if dir.exists() {
+        if fs::symlink_metadata(&dir).is_ok() {
             match SandboxState::read(&dir) {
                 Ok(s) if s.shim.alive() => {
                     return Err(SandboxError::AlreadyRunning {
@@ -105,38 +103,48 @@ impl Sandbox {
                     })
                 }
                 _ => {
-                    state::cleanup_sandbox(id).map_err(|source| SandboxError::Dir {
-                        path: dir.clone(),
-                        source,
-                    })?;
+                    // Kills and waits for leftover processes: blocking.
+                    let sid = id.clone();
+                    tokio::task::spawn_blocking(move || state::cleanup_sandbox(&sid))
+                        .await
+                        .map_err(|e| SandboxError::Config(format!("cleaning up {id}: {e}")))?
+                        .map_err(|source| SandboxError::Dir {
+                            path: dir.clone(),
+                            source,
+                        })?;
                 }
             }
         }
-        let shared = dir.join("shared");
-        fs::create_dir_all(&shared).map_err(|source| SandboxError::Dir {
-            path: shared.clone(),
+        let dir = state::create_sandbox_dir(id).map_err(|source| SandboxError::Dir {
+            path: dir.clone(),
             source,
         })?;
         // From here on, a failure must not leave the directory behind.
-        let result = Self::launch(
-            id,
-            hostname,
-            netns,
-            cgroups_path,
-            config,
-            &dir,
-            &shared,
-            events,
-        )
-        .await;
+        let result = match PodShare::create(&dir) {
+            Ok(share) => {
+                Self::launch(
+                    id,
+                    hostname,
+                    netns,
+                    cgroups_path,
+                    config,
+                    &dir,
+                    share,
+                    events,
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
         match result {
             Ok(mut sb) => {
                 sb.timings.sandbox_ready = start.elapsed();
                 Ok(sb)
             }
             Err(e) => {
-                state::unmount_under(&dir);
-                let _ = fs::remove_dir_all(&dir);
+                if let Err(e) = state::remove_sandbox_dir(&dir) {
+                    warn!(sandbox = %id, "after a failed boot: {e}");
+                }
                 Err(e)
             }
         }
@@ -144,18 +152,18 @@ impl Sandbox {
 
     #[allow(clippy::too_many_arguments)]
     async fn launch(
-        id: &str,
+        id: &SandboxId,
         hostname: &str,
         netns: Option<&Path>,
         cgroups_path: Option<&str>,
         config: &Config,
         dir: &Path,
-        shared: &Path,
+        share: PodShare,
         events: Events,
     ) -> Result<Sandbox, SandboxError> {
         let start = std::time::Instant::now();
         let mut spec = VmSpec::new(
-            id,
+            id.as_str(),
             config.kernel().map_err(SandboxError::Config)?,
             config.initrd().map_err(SandboxError::Config)?,
             dir.join("vm"),
@@ -167,10 +175,13 @@ impl Sandbox {
         spec.qemu_binary = config.qemu_binary().map_err(SandboxError::Config)?;
         spec.vmm_binary = config.vmm_binary().map_err(SandboxError::Config)?;
         spec.boot_timeout = config.boot_timeout;
+        spec.call_timeout = config.agent_timeout;
         spec.extra_cmdline = config.kernel_params.clone();
         spec.cgroups_path = cgroups_path.map(str::to_string);
+        spec.log_max_bytes = config.log_max_bytes;
+        spec.agent_log_connections = config.agent_log_connections;
         spec.share = Some(Share {
-            dir: shared.to_path_buf(),
+            dir: share.view(),
             tag: SHARE_TAG.into(),
         });
         // Dropped (so torn down) on any error below.
@@ -193,7 +204,7 @@ impl Sandbox {
         // Record who runs the pod before anything else can fail, so that
         // `delete` after a crash finds the VM.
         let st = SandboxState {
-            sandbox_id: id.to_string(),
+            sandbox_id: id.as_str().to_string(),
             shim: ProcessRef::of(std::process::id()).ok_or_else(|| {
                 SandboxError::Config("cannot read the shim's own /proc entry".into())
             })?,
@@ -215,22 +226,25 @@ impl Sandbox {
             configure_guest_network(&agent, net).await?;
         }
         info!(
-            sandbox = id,
+            sandbox = %id,
             accel = ?vm.accel(),
             vm_ready_ms = vm_ready.as_millis() as u64,
             "sandbox ready"
         );
-        let oom_task = tokio::spawn(oom::forward(agent.clone(), events));
+        let known = oom::KnownContainers::default();
+        let oom_task = tokio::spawn(oom::forward(agent.clone(), events, known.clone()));
         Ok(Sandbox {
-            id: id.to_string(),
+            id: id.clone(),
             dir: dir.to_path_buf(),
             vm: Some(vm),
+            share: Some(share),
             network,
             agent,
+            known,
             console_copy: config
                 .console_log
                 .as_ref()
-                .map(|p| PathBuf::from(p.to_string_lossy().replace("{id}", id))),
+                .map(|p| PathBuf::from(p.to_string_lossy().replace("{id}", id.as_str()))),
             oom_task,
             timings: BootTimings {
                 vm_ready,
@@ -240,21 +254,24 @@ impl Sandbox {
     }
 
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
     pub fn agent(&self) -> &AgentClient {
         &self.agent
     }
 
-    /// `<sandbox dir>/shared` on the host: what virtio-fs exports.
-    pub fn share_dir(&self) -> PathBuf {
-        self.dir.join("shared")
+    /// The pod's containers as the shim knows them: guest events naming any
+    /// other id are dropped.
+    pub fn known_containers(&self) -> &oom::KnownContainers {
+        &self.known
     }
 
-    /// `<sandbox dir>/shared/<container>/rootfs` on the host.
-    pub fn rootfs_dir(&self, container_id: &str) -> PathBuf {
-        self.dir.join("shared").join(container_id).join("rootfs")
+    /// The pod share: where container rootfs and bind mounts are made.
+    pub fn share(&self) -> Result<&PodShare, SandboxError> {
+        self.share
+            .as_ref()
+            .ok_or_else(|| SandboxError::Config(format!("sandbox {} is going down", self.id)))
     }
 
     /// QEMU's pid: the host process that stands for the pod's tasks.
@@ -279,9 +296,18 @@ impl Sandbox {
                 .await
                 .unwrap_or_else(|e| warn!("pod network teardown: {e}"));
         }
-        state::unmount_under(&self.dir);
-        if let Err(e) = fs::remove_dir_all(&self.dir) {
-            warn!(sandbox = %self.id, "removing {}: {e}", self.dir.display());
+        self.remove_host_state();
+    }
+
+    /// The share's mounts, then the directory: never deleting through a mount
+    /// that stayed (what is left is logged and left in place).
+    fn remove_host_state(&mut self) {
+        if let Some(share) = self.share.take() {
+            // Leftovers are logged by the share itself.
+            let _ = share.teardown();
+        }
+        if let Err(e) = state::remove_sandbox_dir(&self.dir) {
+            warn!(sandbox = %self.id, "{e}");
         }
     }
 
@@ -292,8 +318,10 @@ impl Sandbox {
         if let Some(parent) = dest.parent() {
             let _ = fs::create_dir_all(parent);
         }
-        let mut text = fs::read(vm.console_log_path()).unwrap_or_default();
-        if let Ok(agent_log) = fs::read(vm.agent_log_path()) {
+        // Both logs are guest-written and capped; read no more than the cap.
+        let cap = vm.log_max_bytes();
+        let mut text = husk_bounds::read_tail(vm.console_log_path(), cap).unwrap_or_default();
+        if let Ok(agent_log) = husk_bounds::read_tail(vm.agent_log_path(), cap) {
             text.extend_from_slice(b"\n--- agent log ---\n");
             text.extend_from_slice(&agent_log);
         }
@@ -338,8 +366,7 @@ impl Drop for Sandbox {
         if self.vm.is_some() {
             // Dropping the PodVm kills the VM; the directory goes too.
             self.vm = None;
-            state::unmount_under(&self.dir);
-            let _ = fs::remove_dir_all(&self.dir);
+            self.remove_host_state();
         }
     }
 }

@@ -19,44 +19,23 @@ use super::{
 use crate::{
     bundle::{Bundle, PodRole},
     config::Config,
-    guest_spec::{self, HostBind},
+    guest_spec, ids,
     io::ProcessIo,
-    mount::{self, RootfsMount},
     options,
+    pod_share::{PodShare, RootfsMount},
     sandbox::Sandbox,
 };
 
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
-    /// `<sandbox>/shared/<id>/rootfs` on the host.
-    pub rootfs: PathBuf,
     pub init: Process,
     pub execs: HashMap<String, Process>,
     pub paused: bool,
-    /// Host files and directories bound into the share for the spec's
-    /// mounts (CRI's hosts, resolv.conf, hostname; volumes).
-    pub binds: Vec<HostBind>,
-}
-
-/// Container ids as the agent accepts them.
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.+-".contains(c))
 }
 
 pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Result<u32> {
-    if !valid_id(&req.id) {
-        return Err(invalid(format!(
-            "container id {:?} must be 1-128 characters of [A-Za-z0-9_.+-]",
-            req.id
-        )));
-    }
+    ids::check("container", &req.id).map_err(invalid)?;
     if !req.checkpoint.is_empty() {
         return Err(status(
             ttrpc::Code::UNIMPLEMENTED,
@@ -70,7 +49,7 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
         ));
     }
     let bundle = Bundle::read(req.bundle.as_ref()).map_err(invalid)?;
-    let role = bundle.role(&req.id);
+    let role = bundle.role(&req.id).map_err(invalid)?;
 
     let booted_here = match (&role, &pod.sandbox) {
         (PodRole::Sandbox(sb), None) => {
@@ -101,7 +80,7 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
             .await
             .map_err(|e| status(ttrpc::Code::UNAVAILABLE, e))?;
             info!(
-                sandbox = sb,
+                sandbox = %sb,
                 ready_ms = sandbox.timings.sandbox_ready.as_millis() as u64,
                 "pod VM booted"
             );
@@ -115,7 +94,7 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
                 req.id
             )))
         }
-        (PodRole::Member(sb), Some(running)) if running.id() == sb => false,
+        (PodRole::Member(sb), Some(running)) if running.id() == sb.as_str() => false,
         (PodRole::Member(sb), _) => {
             return Err(precondition(format!(
                 "container {} names sandbox {sb}, which is not running in this shim",
@@ -127,6 +106,9 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
     let result = create_in_sandbox(pod, inner, req, &bundle).await;
     match result {
         Ok(c) => {
+            if let Some(sb) = &pod.sandbox {
+                sb.known_containers().insert(&c.id);
+            }
             pod.containers.insert(c.id.clone(), c);
             Ok(pod.vm_pid())
         }
@@ -149,7 +131,7 @@ async fn create_in_sandbox(
 ) -> Result<Container> {
     let sandbox = pod.sandbox()?;
     let agent = sandbox.agent().clone();
-    let rootfs = sandbox.rootfs_dir(&req.id);
+    let share = sandbox.share().map_err(|e| precondition(e.to_string()))?;
     let mounts: Vec<RootfsMount> = req
         .rootfs
         .iter()
@@ -159,13 +141,10 @@ async fn create_in_sandbox(
             options: m.options.clone(),
         })
         .collect();
-    let mounted = if mounts.is_empty() {
-        // A bundle with a prepared rootfs (`ctr run --rootfs`).
-        mount::bind(&bundle.root, &rootfs)
-    } else {
-        mount::mount_rootfs(&mounts, &rootfs)
-    };
-    mounted.map_err(|e| internal(format!("container {} rootfs: {e}", req.id)))?;
+    // Without rootfs mounts the bundle has a prepared rootfs (`ctr run --rootfs`).
+    share
+        .mount_rootfs(&req.id, &mounts, &bundle.root)
+        .map_err(|e| internal(e.to_string()))?;
 
     // The spec names host paths (bind sources, the pause container's
     // namespaces) that the guest must see under other names.
@@ -174,32 +153,26 @@ async fn create_in_sandbox(
         .get(sandbox.id())
         .map(|c| c.init.guest_pid)
         .filter(|&pid| pid > 0);
-    let guest = match guest_spec::adapt(
-        &bundle.spec_json,
-        &req.id,
-        &sandbox.share_dir(),
-        sandbox_guest_pid,
-    ) {
+    let undo_mount = || remove_share(share, &req.id);
+    let guest = match guest_spec::adapt(&bundle.spec_json, &req.id, sandbox_guest_pid) {
         Ok(g) => g,
         Err(e) => {
-            remove_rootfs(&rootfs);
+            undo_mount();
             return Err(invalid(format!("container {}: {e}", req.id)));
         }
     };
-    if let Err(e) = guest_spec::share_binds(&guest.binds) {
-        remove_rootfs(&rootfs);
-        return Err(internal(format!("container {}: {e}", req.id)));
+    for b in &guest.binds {
+        if let Err(e) = share.bind_host(&req.id, b) {
+            undo_mount();
+            return Err(internal(format!("container {}: {e}", req.id)));
+        }
     }
-    let undo_mount = || {
-        guest_spec::unshare_binds(&guest.binds);
-        remove_rootfs(&rootfs);
-    };
 
     let guest_pid = match agent
         .create_container(
             &req.id,
             &guest.json,
-            &format!("{}/rootfs", req.id),
+            &PodShare::guest_rootfs(&req.id),
             req.terminal,
         )
         .await
@@ -244,11 +217,9 @@ async fn create_in_sandbox(
     Ok(Container {
         id: req.id.clone(),
         bundle: PathBuf::from(&req.bundle),
-        rootfs,
         init,
         execs: HashMap::new(),
         paused: false,
-        binds: guest.binds,
     })
 }
 
@@ -279,8 +250,12 @@ pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
             io.lock().await.finish(std::time::Duration::ZERO).await;
         }
     }
-    guest_spec::unshare_binds(&c.binds);
-    remove_rootfs(&c.rootfs);
+    if let Some(sb) = pod.sandbox.as_ref() {
+        sb.known_containers().remove(id);
+        if let Ok(share) = sb.share() {
+            remove_share(share, id);
+        }
+    }
     // Never started: containerd still wants an exit.
     c.init.set_exit_if_unset(0);
     Ok(c.init.exit().unwrap_or_else(|| Exit {
@@ -289,25 +264,11 @@ pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
     }))
 }
 
-fn remove_rootfs(rootfs: &std::path::Path) {
-    mount::unmount_all(rootfs);
-    // rootfs, then <share>/<id>.
-    let _ = std::fs::remove_dir(rootfs);
-    if let Some(parent) = rootfs.parent() {
-        let _ = std::fs::remove_dir(parent);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::valid_id;
-
-    #[test]
-    fn ids() {
-        assert!(valid_id("abc-1.2_3+4"));
-        assert!(!valid_id(""));
-        assert!(!valid_id(".."));
-        assert!(!valid_id("a/b"));
-        assert!(!valid_id(&"x".repeat(129)));
+/// Unmounts the container's rootfs and binds and removes its directory; what
+/// would not go is logged and left in place.
+fn remove_share(share: &PodShare, id: &str) {
+    let left = share.remove_container(id);
+    if !left.is_empty() {
+        warn!(container = id, "removing the container's share:\n{left}");
     }
 }

@@ -11,7 +11,7 @@ mod errors;
 mod process;
 pub mod stats;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use containerd_shim::{ExitSignal, TtrpcContext};
@@ -354,6 +354,7 @@ impl Task for TaskService {
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> Result<Empty> {
         info!(id = %req.id, exec = %req.exec_id, "exec");
+        crate::ids::check("exec", &req.exec_id).map_err(invalid)?;
         let mut pod = self.inner.pod.lock().await;
         let c = pod.container_mut(&req.id)?;
         if !c.init.running() {
@@ -531,12 +532,4 @@ impl Task for TaskService {
         });
         Ok(Empty::new())
     }
-}
-
-/// The host path of a container's rootfs mount, for tests and logs.
-pub fn rootfs_path(sandbox_id: &str, container_id: &str) -> PathBuf {
-    crate::state::sandbox_dir(sandbox_id)
-        .join("shared")
-        .join(container_id)
-        .join("rootfs")
 }

@@ -40,7 +40,7 @@ impl NestedHost {
         let order = dir.join("modules.order");
         let text = std::fs::read_to_string(&order).map_err(|e| {
             format!(
-                "{}: {e}; fetch the nested host kernel with `make guest` or \
+                "{}: {e}; fetch the nested host kernel with `make nested-host` or \
                  kernel-config/fetch-nested-host.sh",
                 order.display()
             )

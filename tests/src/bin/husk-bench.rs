@@ -57,19 +57,28 @@ fn baseline_boot(spec: &VmSpec, accel: Accel, dir: &Path) -> Result<Duration> {
     s.extra_cmdline = "rdinit=/no-init".into();
     s.agent_log_port = None;
     let console = dir.join("baseline-console.log");
-    let args: Vec<_> = qemu::args(
+    let mut args: Vec<_> = qemu::args(
         &s,
         accel,
         &qemu::QemuPaths {
             vhost_vsock_socket: Path::new("/unused"),
             vhost_fs_socket: None,
-            console_log: &console,
+            console_sock: Path::new("/unused"),
         },
     );
-    // Drop the vsock device: the baseline has nothing of husk's.
+    // The console straight to a file (no shim reads it here), and no vsock
+    // device: the baseline has nothing of husk's.
+    for a in args.iter_mut() {
+        if a.to_string_lossy().starts_with("socket,id=con0,") {
+            let mut file = std::ffi::OsString::from("file,id=con0,path=");
+            file.push(&console);
+            *a = file;
+        }
+    }
     let cut = args
         .iter()
-        .position(|a| a == "-chardev")
+        .position(|a| a.to_string_lossy().starts_with("socket,id=vsock0,"))
+        .map(|i| i - 1)
         .unwrap_or(args.len());
     let start = Instant::now();
     let status = Command::new(&spec.qemu_binary)

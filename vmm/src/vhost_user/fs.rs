@@ -10,7 +10,6 @@ use std::io;
 use std::sync::{Arc, RwLock};
 
 use super::daemon::{serve_one, ServeError};
-use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -72,13 +71,15 @@ impl VhostUserFsBackend {
         match res {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    warn!(queue = index, error = %e, "cannot interrupt the guest");
+                    husk_bounds::ratelimited!(warn, queue = index, error = %e, "cannot interrupt the guest");
                 }
             }
             Ok(false) => {}
             // A queue error means the driver gave us a broken ring; the device stays up and
             // the next kick retries.
-            Err(e) => warn!(queue = index, error = %e, "virtio-fs queue processing failed"),
+            Err(e) => {
+                husk_bounds::ratelimited!(warn, queue = index, error = %e, "virtio-fs queue processing failed")
+            }
         }
     }
 }
@@ -107,14 +108,14 @@ impl VhostUserBackendMut for VhostUserFsBackend {
     }
 
     fn reset_device(&mut self) {
-        info!("vhost-user front end reset the virtio-fs device");
+        husk_bounds::ratelimited!(info, "vhost-user front end reset the virtio-fs device");
         self.device.reset();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
         // The queues themselves are switched by vhost-user-backend; we only keep it for logs.
         self.event_idx = enabled;
-        debug!(enabled, "virtio-fs EVENT_IDX");
+        husk_bounds::ratelimited!(debug, enabled, "virtio-fs EVENT_IDX");
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -145,7 +146,7 @@ impl VhostUserBackendMut for VhostUserFsBackend {
         if index < self.device.num_queues() {
             self.process_queue(index, vrings);
         } else {
-            warn!(event = device_event, "unexpected vhost-user event id");
+            husk_bounds::ratelimited!(warn, event = device_event, "unexpected vhost-user event id");
         }
         Ok(())
     }

@@ -10,7 +10,6 @@ use std::io;
 use std::sync::{Arc, RwLock};
 
 use super::daemon::{serve_one, ServeError};
-use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -84,13 +83,15 @@ impl<B: NetBackend> VhostUserNetBackend<B> {
         match res {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
-                    warn!(queue = index, error = %e, "cannot interrupt the guest");
+                    husk_bounds::ratelimited!(warn, queue = index, error = %e, "cannot interrupt the guest");
                 }
             }
             Ok(false) => {}
             // A queue error means the driver gave us a broken ring; the device stays up and
             // the next kick retries.
-            Err(e) => warn!(queue = index, error = %e, "net queue processing failed"),
+            Err(e) => {
+                husk_bounds::ratelimited!(warn, queue = index, error = %e, "net queue processing failed")
+            }
         }
     }
 }
@@ -116,7 +117,7 @@ impl<B: NetBackend + Sync> VhostUserBackendMut for VhostUserNetBackend<B> {
     }
 
     fn acked_features(&mut self, features: u64) {
-        debug!(features, "vhost-user-net acked features");
+        husk_bounds::ratelimited!(debug, features, "vhost-user-net acked features");
         self.device.set_acked_features(features);
     }
 
@@ -126,13 +127,13 @@ impl<B: NetBackend + Sync> VhostUserBackendMut for VhostUserNetBackend<B> {
     }
 
     fn reset_device(&mut self) {
-        info!("vhost-user front end reset the net device");
+        husk_bounds::ratelimited!(info, "vhost-user front end reset the net device");
         self.device.reset();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
         // The queues themselves are switched by vhost-user-backend.
-        debug!(enabled, "net EVENT_IDX");
+        husk_bounds::ratelimited!(debug, enabled, "net EVENT_IDX");
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -178,7 +179,9 @@ impl<B: NetBackend + Sync> VhostUserBackendMut for VhostUserNetBackend<B> {
                     self.run_queue(vrings, RXQ_INDEX, NetDevice::process_rx)
                 }
             }
-            other => warn!(event = other, "unexpected vhost-user event id"),
+            other => {
+                husk_bounds::ratelimited!(warn, event = other, "unexpected vhost-user event id")
+            }
         }
         Ok(())
     }

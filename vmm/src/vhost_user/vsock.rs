@@ -9,7 +9,6 @@ use std::io;
 use std::sync::{Arc, RwLock};
 
 use super::daemon::{serve_one, ServeError};
-use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -94,13 +93,15 @@ fn signal<E: std::fmt::Display>(vring: &VringRwLock, name: &str, res: Result<boo
     match res {
         Ok(true) => {
             if let Err(e) = vring.signal_used_queue() {
-                warn!(queue = name, error = %e, "cannot interrupt the guest");
+                husk_bounds::ratelimited!(warn, queue = name, error = %e, "cannot interrupt the guest");
             }
         }
         Ok(false) => {}
         // A queue error means the driver gave us a broken ring; the device stays up and the
         // next kick retries.
-        Err(e) => warn!(queue = name, error = %e, "vsock queue processing failed"),
+        Err(e) => {
+            husk_bounds::ratelimited!(warn, queue = name, error = %e, "vsock queue processing failed")
+        }
     }
 }
 
@@ -126,14 +127,14 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn reset_device(&mut self) {
-        info!("vhost-user front end reset the vsock device");
+        husk_bounds::ratelimited!(info, "vhost-user front end reset the vsock device");
         self.device.reset();
     }
 
     fn set_event_idx(&mut self, enabled: bool) {
         // The queues themselves are switched by vhost-user-backend; we only keep it for logs.
         self.event_idx = enabled;
-        debug!(enabled, "vsock EVENT_IDX");
+        husk_bounds::ratelimited!(debug, enabled, "vsock EVENT_IDX");
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -168,7 +169,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
             }
             BACKEND_EVENT => self.device.notify_backend(),
             other => {
-                warn!(event = other, "unexpected vhost-user event id");
+                husk_bounds::ratelimited!(warn, event = other, "unexpected vhost-user event id");
                 return Ok(());
             }
         }

@@ -5,7 +5,6 @@
 
 use std::io::{self, Write};
 
-use tracing::warn;
 use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
@@ -53,12 +52,12 @@ impl BusDevice for Serial {
         if let Err(e) = self.uart.write(off, *byte) {
             // A full disk must not stop the guest; say so once.
             if !self.write_failed {
-                warn!(error = ?e, "console log write failed; further output may be lost");
+                husk_bounds::ratelimited!(warn, error = ?e, "console log write failed; further output may be lost");
                 self.write_failed = true;
             }
         }
         if self.uart.writer_mut().flush().is_err() && !self.write_failed {
-            warn!("console log flush failed");
+            husk_bounds::ratelimited!(warn, "console log flush failed");
             self.write_failed = true;
         }
     }

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 
-use tracing::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -81,7 +80,7 @@ impl VirtioDevice for Rng {
                 match mem.read_volatile_from(desc.addr(), &mut self.source, len as usize) {
                     Ok(n) => written += n as u32,
                     Err(e) => {
-                        warn!(error = %e, "virtio-rng: bad buffer from guest; returning it short");
+                        husk_bounds::ratelimited!(warn, error = %e, "virtio-rng: bad buffer from guest; returning it short");
                         break;
                     }
                 }

@@ -16,7 +16,6 @@ use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use tracing::{debug, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -189,21 +188,21 @@ impl FsDevice {
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
             Err(e) => {
-                warn!(error = %e, "virtio-fs: request buffers outside guest memory; dropping it");
+                husk_bounds::ratelimited!(warn, error = %e, "virtio-fs: request buffers outside guest memory; dropping it");
                 return 0;
             }
         };
         let writer = match VirtioFsWriter::new(mem, chain) {
             Ok(w) => w,
             Err(e) => {
-                warn!(error = %e, "virtio-fs: reply buffers outside guest memory; dropping request");
+                husk_bounds::ratelimited!(warn, error = %e, "virtio-fs: reply buffers outside guest memory; dropping request");
                 return 0;
             }
         };
         let capacity = writer.available_bytes();
         match request::check(&reader) {
             Verdict::Drop(reason) => {
-                warn!(reason, "virtio-fs: dropping malformed request");
+                husk_bounds::ratelimited!(warn, reason, "virtio-fs: dropping malformed request");
                 0
             }
             Verdict::Reject {
@@ -212,7 +211,7 @@ impl FsDevice {
                 errno,
                 reason,
             } => {
-                warn!(opcode, reason, "virtio-fs: refusing request");
+                husk_bounds::ratelimited!(warn, opcode, reason, "virtio-fs: refusing request");
                 if request::expects_reply(opcode) {
                     reply_error(writer, unique, errno)
                 } else {
@@ -233,7 +232,7 @@ impl FsDevice {
                         // Decoding failed part-way (a truncated body, a name without NUL, ...).
                         // Some of those paths already wrote an error reply, others nothing:
                         // (re)write one at the start of the reply buffers either way.
-                        debug!(opcode, error = %e, "virtio-fs: malformed request");
+                        husk_bounds::ratelimited!(debug, opcode, error = %e, "virtio-fs: malformed request");
                         if request::expects_reply(opcode) {
                             reply_error(writer, unique, libc::EINVAL)
                         } else {
@@ -256,7 +255,7 @@ fn reply_error<S: BitmapSlice>(mut w: VirtioFsWriter<'_, S>, unique: u64, errno:
     match w.write_obj(out) {
         Ok(()) => out.len,
         Err(e) => {
-            warn!(error = %e, "virtio-fs: no room for an error reply; dropping request");
+            husk_bounds::ratelimited!(warn, error = %e, "virtio-fs: no room for an error reply; dropping request");
             0
         }
     }

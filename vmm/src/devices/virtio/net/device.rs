@@ -14,7 +14,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use tracing::{debug, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -249,7 +248,9 @@ impl<B: NetBackend> NetDevice<B> {
             EpollEvent::new(EventSet::IN, fd as u64),
         ) {
             Ok(()) => self.armed = true,
-            Err(e) => warn!(error = %e, "virtio-net: cannot poll the tap"),
+            Err(e) => {
+                husk_bounds::ratelimited!(warn, error = %e, "virtio-net: cannot poll the tap")
+            }
         }
     }
 
@@ -262,7 +263,7 @@ impl<B: NetBackend> NetDevice<B> {
             .poll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default())
         {
-            warn!(error = %e, "virtio-net: cannot stop polling the tap");
+            husk_bounds::ratelimited!(warn, error = %e, "virtio-net: cannot stop polling the tap");
         }
         self.armed = false;
     }
@@ -275,12 +276,12 @@ impl<B: NetBackend> NetDevice<B> {
             match self.backend.set_vnet_hdr_len(hdr_len) {
                 Ok(()) => self.backend_hdr_len = hdr_len,
                 Err(e) => {
-                    warn!(error = %e, hdr_len, "virtio-net: cannot set the tap's header length")
+                    husk_bounds::ratelimited!(warn, error = %e, hdr_len, "virtio-net: cannot set the tap's header length")
                 }
             }
         }
         if let Err(e) = self.backend.set_offload(offload) {
-            warn!(error = %e, offload, "virtio-net: cannot set the tap's offloads");
+            husk_bounds::ratelimited!(warn, error = %e, offload, "virtio-net: cannot set the tap's offloads");
         }
     }
 
@@ -305,13 +306,18 @@ impl<B: NetBackend> NetDevice<B> {
                     Err(why) => {
                         self.stats.tx_dropped += 1;
                         if self.stats.tx_dropped.is_power_of_two() {
-                            warn!(
+                            husk_bounds::ratelimited!(
+                                warn,
                                 why,
                                 dropped = self.stats.tx_dropped,
                                 "virtio-net: dropping malformed TX frame from the guest"
                             );
                         } else {
-                            debug!(why, "virtio-net: dropping malformed TX frame");
+                            husk_bounds::ratelimited!(
+                                debug,
+                                why,
+                                "virtio-net: dropping malformed TX frame"
+                            );
                         }
                     }
                 }
@@ -378,7 +384,7 @@ impl<B: NetBackend> NetDevice<B> {
                 // lost, as on a real wire; TCP retransmits.
                 self.stats.tx_errors += 1;
                 if self.stats.tx_errors.is_power_of_two() {
-                    warn!(error = %e, errors = self.stats.tx_errors, "virtio-net: tap write failed; frame dropped");
+                    husk_bounds::ratelimited!(warn, error = %e, errors = self.stats.tx_errors, "virtio-net: tap write failed; frame dropped");
                 }
             }
         }
@@ -429,7 +435,7 @@ impl<B: NetBackend> NetDevice<B> {
                         frames += 1;
                         self.stats.rx_errors += 1;
                         if self.stats.rx_errors.is_power_of_two() {
-                            warn!(error = %e, "virtio-net: tap read failed");
+                            husk_bounds::ratelimited!(warn, error = %e, "virtio-net: tap read failed");
                         }
                         continue;
                     }
@@ -453,7 +459,10 @@ impl<B: NetBackend> NetDevice<B> {
                     if queue.enable_notification(mem)? {
                         continue;
                     }
-                    debug!("virtio-net: guest RX buffers exhausted; tap paused");
+                    husk_bounds::ratelimited!(
+                        debug,
+                        "virtio-net: guest RX buffers exhausted; tap paused"
+                    );
                     self.disarm();
                     break;
                 }
@@ -498,7 +507,8 @@ impl<B: NetBackend> NetDevice<B> {
                     // Give a malformed buffer back empty; a driver drops a too-short buffer.
                     self.stats.rx_bad_buffers += 1;
                     if self.stats.rx_bad_buffers.is_power_of_two() {
-                        warn!(
+                        husk_bounds::ratelimited!(
+                            warn,
                             bad = self.stats.rx_bad_buffers,
                             "virtio-net: malformed RX buffer from the guest; returned empty"
                         );

@@ -12,7 +12,6 @@
 
 use std::io;
 
-use tracing::{debug, info, warn};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -165,14 +164,13 @@ impl MmioTransport {
     fn raise(&mut self, bits: u32) {
         self.interrupt_status |= bits;
         if let Err(e) = self.irq.trigger() {
-            warn!(error = %e, "virtio-mmio: cannot interrupt the guest");
+            husk_bounds::ratelimited!(warn, error = %e, "virtio-mmio: cannot interrupt the guest");
         }
     }
 
     /// Stops the device after an error the guest caused, and tells the driver.
     fn fail(&mut self, what: &str, err: &dyn std::fmt::Display) {
-        warn!(
-            device = self.device.device_type(),
+        husk_bounds::ratelimited!(warn, device = self.device.device_type(),
             error = %err,
             "virtio-mmio: {what}; device stopped until the driver resets it"
         );
@@ -215,7 +213,11 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        debug!(device = self.device.device_type(), "virtio-mmio reset");
+        husk_bounds::ratelimited!(
+            debug,
+            device = self.device.device_type(),
+            "virtio-mmio reset"
+        );
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -256,7 +258,8 @@ impl MmioTransport {
         }
         // Bits are only ever added, one stage at a time, until the driver resets.
         if value & self.status != self.status {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 old = self.status,
                 new = value,
                 "virtio-mmio: driver cleared status bits without a reset; ignored"
@@ -266,7 +269,8 @@ impl MmioTransport {
         let added = value & !self.status;
         let mut value = value;
         if added & STATUS_FAILED != 0 {
-            info!(
+            husk_bounds::ratelimited!(
+                info,
                 device = self.device.device_type(),
                 "virtio driver gave up on the device"
             );
@@ -275,7 +279,8 @@ impl MmioTransport {
             let staged = self.status & (STATUS_ACKNOWLEDGE | STATUS_DRIVER)
                 == (STATUS_ACKNOWLEDGE | STATUS_DRIVER);
             if !staged || !self.features_ok() {
-                warn!(
+                husk_bounds::ratelimited!(
+                    warn,
                     acked = self.acked_features,
                     offered = self.offered_features(),
                     "virtio-mmio: refusing FEATURES_OK"
@@ -285,7 +290,10 @@ impl MmioTransport {
         }
         if added & STATUS_DRIVER_OK != 0 {
             if value & STATUS_FEATURES_OK == 0 {
-                warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; ignored");
+                husk_bounds::ratelimited!(
+                    warn,
+                    "virtio-mmio: DRIVER_OK without FEATURES_OK; ignored"
+                );
                 return;
             }
             self.status = value;
@@ -317,7 +325,8 @@ impl MmioTransport {
             SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
             CONFIG_GENERATION => self.config_generation,
             _ => {
-                debug!(
+                husk_bounds::ratelimited!(
+                    debug,
                     offset,
                     "virtio-mmio: read of write-only or unknown register"
                 );
@@ -334,7 +343,10 @@ impl MmioTransport {
             DRIVER_FEATURES => {
                 // Features are fixed once FEATURES_OK is set.
                 if self.status & STATUS_FEATURES_OK != 0 || self.status & STATUS_DRIVER == 0 {
-                    warn!("virtio-mmio: driver features written out of order; ignored");
+                    husk_bounds::ratelimited!(
+                        warn,
+                        "virtio-mmio: driver features written out of order; ignored"
+                    );
                     return;
                 }
                 match self.driver_features_sel {
@@ -360,9 +372,11 @@ impl MmioTransport {
             INTERRUPT_ACK => self.interrupt_status &= !value,
             STATUS => self.set_status(value),
             SHM_SEL => {}
-            _ => debug!(
+            _ => husk_bounds::ratelimited!(
+                debug,
                 offset,
-                value, "virtio-mmio: write to read-only or unknown register"
+                value,
+                "virtio-mmio: write to read-only or unknown register"
             ),
         }
     }
@@ -370,7 +384,8 @@ impl MmioTransport {
     fn write_queue_reg(&mut self, offset: u64, value: u32, driver_ok: bool) {
         let features_ok = self.status & STATUS_FEATURES_OK != 0;
         let Some(q) = self.selected_queue() else {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 offset,
                 "virtio-mmio: queue register write with no queue selected"
             );
@@ -379,7 +394,8 @@ impl MmioTransport {
         // Queues are configured after FEATURES_OK and before DRIVER_OK, and only while not
         // ready (except for turning them off).
         if !features_ok || driver_ok || (q.ready() && offset != QUEUE_READY) {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 offset,
                 "virtio-mmio: queue register written out of order; ignored"
             );
@@ -388,7 +404,11 @@ impl MmioTransport {
         match offset {
             QUEUE_NUM => match u16::try_from(value) {
                 Ok(size) => q.set_size(size),
-                Err(_) => warn!(value, "virtio-mmio: queue size out of range; ignored"),
+                Err(_) => husk_bounds::ratelimited!(
+                    warn,
+                    value,
+                    "virtio-mmio: queue size out of range; ignored"
+                ),
             },
             QUEUE_READY => q.set_ready(value == 1),
             QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
@@ -412,7 +432,8 @@ impl BusDevice for MmioTransport {
             Ok(word) if offset.is_multiple_of(4) => *word = self.read_reg(offset).to_le_bytes(),
             _ => {
                 // The spec allows only aligned 32-bit register accesses.
-                warn!(
+                husk_bounds::ratelimited!(
+                    warn,
                     offset,
                     len = data.len(),
                     "virtio-mmio: bad register read width"
@@ -425,7 +446,10 @@ impl BusDevice for MmioTransport {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
             if self.status & STATUS_FEATURES_OK == 0 && self.status & STATUS_DRIVER == 0 {
-                debug!("virtio-mmio: config write before the driver is set up");
+                husk_bounds::ratelimited!(
+                    debug,
+                    "virtio-mmio: config write before the driver is set up"
+                );
             }
             self.device.write_config(offset - CONFIG_SPACE, data);
             return;
@@ -434,7 +458,8 @@ impl BusDevice for MmioTransport {
             Ok(word) if offset.is_multiple_of(4) => {
                 self.write_reg(offset, u32::from_le_bytes(word))
             }
-            _ => warn!(
+            _ => husk_bounds::ratelimited!(
+                warn,
                 offset,
                 len = data.len(),
                 "virtio-mmio: bad register write width"

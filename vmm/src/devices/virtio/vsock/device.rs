@@ -9,7 +9,6 @@
 
 use std::os::fd::RawFd;
 
-use tracing::{debug, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -109,7 +108,7 @@ impl<T: VsockBackend> VsockDevice<T> {
                 match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_PAYLOAD) {
                     Ok(pkt) => self.backend.send_pkt(&pkt),
                     Err(e) => {
-                        warn!(error = %e, "dropping malformed TX packet from guest");
+                        husk_bounds::ratelimited!(warn, error = %e, "dropping malformed TX packet from guest");
                         if let Some(hdr) = peek_tx_header(mem, probe) {
                             self.backend.on_malformed_pkt(&hdr);
                         }
@@ -162,12 +161,12 @@ impl<T: VsockBackend> VsockDevice<T> {
                             break;
                         }
                         Err(e) => {
-                            warn!(error = %e, "cannot fill RX buffer; returning it empty");
+                            husk_bounds::ratelimited!(warn, error = %e, "cannot fill RX buffer; returning it empty");
                             0
                         }
                     },
                     Err(e) => {
-                        warn!(error = %e, "malformed RX buffer from guest; returning it empty");
+                        husk_bounds::ratelimited!(warn, error = %e, "malformed RX buffer from guest; returning it empty");
                         0
                     }
                 };
@@ -178,7 +177,7 @@ impl<T: VsockBackend> VsockDevice<T> {
             if !(out_of_buffers && more_buffers) {
                 break;
             }
-            debug!("RX buffers arrived while filling; continuing");
+            husk_bounds::ratelimited!(debug, "RX buffers arrived while filling; continuing");
         }
         if used {
             Ok(queue.needs_notification(mem)?)

@@ -15,7 +15,6 @@ use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 use vmm_sys_util::epoll::EventSet;
@@ -306,7 +305,8 @@ impl Connection {
             VIRTIO_VSOCK_OP_RST => Verdict::Drop,
             VIRTIO_VSOCK_OP_RESPONSE => {
                 if self.state != State::LocalInit {
-                    warn!(
+                    husk_bounds::ratelimited!(
+                        warn,
                         local = self.local_port,
                         peer = self.peer_port,
                         "unexpected RESPONSE from guest; resetting"
@@ -330,8 +330,7 @@ impl Connection {
             }
             VIRTIO_VSOCK_OP_SHUTDOWN => self.on_guest_shutdown(pkt.flags, now),
             op => {
-                warn!(
-                    local = self.local_port,
+                husk_bounds::ratelimited!(warn, local = self.local_port,
                     peer = self.peer_port,
                     op,
                     state = ?self.state,
@@ -348,8 +347,7 @@ impl Connection {
         data: Option<&VolatileSlice<B>>,
     ) -> Verdict {
         if self.state != State::Established || self.guest_shut_send {
-            debug!(
-                local = self.local_port,
+            husk_bounds::ratelimited!(debug, local = self.local_port,
                 peer = self.peer_port,
                 state = ?self.state,
                 "data from guest on a connection that cannot take it; resetting"
@@ -362,7 +360,8 @@ impl Connection {
         };
         let len = data.len();
         if u64::from(self.guest_bytes_buffered()) + len as u64 > u64::from(self.buf_alloc) {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 local = self.local_port,
                 peer = self.peer_port,
                 len,
@@ -382,7 +381,7 @@ impl Connection {
                 Err(e) if io_kind(&e) == Some(ErrorKind::WouldBlock) => {}
                 Err(e) if io_kind(&e) == Some(ErrorKind::Interrupted) => {}
                 Err(e) => {
-                    debug!(local = self.local_port, peer = self.peer_port, error = %e,
+                    husk_bounds::ratelimited!(debug, local = self.local_port, peer = self.peer_port, error = %e,
                         "host stream write failed; resetting");
                     return Verdict::Reset;
                 }
@@ -393,7 +392,7 @@ impl Connection {
             let rest = match data.offset(written) {
                 Ok(rest) => rest,
                 Err(e) => {
-                    warn!(error = %e, "guest data slice error; resetting");
+                    husk_bounds::ratelimited!(warn, error = %e, "guest data slice error; resetting");
                     return Verdict::Reset;
                 }
             };
@@ -445,7 +444,7 @@ impl Connection {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Verdict::Keep,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    debug!(local = self.local_port, peer = self.peer_port, error = %e,
+                    husk_bounds::ratelimited!(debug, local = self.local_port, peer = self.peer_port, error = %e,
                         "host stream write failed; resetting");
                     return Verdict::Reset;
                 }
@@ -464,7 +463,8 @@ impl Connection {
     /// Handles readiness of the host stream.
     pub(crate) fn on_host_event(&mut self, evset: EventSet) -> Verdict {
         if evset.contains(EventSet::ERROR) {
-            debug!(
+            husk_bounds::ratelimited!(
+                debug,
                 local = self.local_port,
                 peer = self.peer_port,
                 "host stream error; resetting"
@@ -571,7 +571,7 @@ impl Connection {
                     }
                     Err(e) if io_kind(&e) == Some(ErrorKind::Interrupted) => {}
                     Err(e) => {
-                        debug!(local = self.local_port, peer = self.peer_port, error = %e,
+                        husk_bounds::ratelimited!(debug, local = self.local_port, peer = self.peer_port, error = %e,
                             "host stream read failed; resetting");
                         return RxOutcome::Reset;
                     }

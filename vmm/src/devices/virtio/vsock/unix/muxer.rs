@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-use tracing::{debug, info, warn};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -171,7 +170,7 @@ impl VsockMuxer {
         // Bounded: a guest that floods us with bad packets and never supplies RX buffers gets
         // some of its RSTs dropped, which only matters to itself.
         if self.rst_queue.len() >= self.cfg.max_connections {
-            debug!(?key, "RST queue full; dropping RST");
+            husk_bounds::ratelimited!(debug, ?key, "RST queue full; dropping RST");
             return;
         }
         self.rst_queue.push_back(key);
@@ -239,7 +238,7 @@ impl VsockMuxer {
                 (None, None) => Ok(()),
             };
             if let Err(e) = res {
-                warn!(?key, error = %e, "cannot update epoll registration; resetting connection");
+                husk_bounds::ratelimited!(warn, ?key, error = %e, "cannot update epoll registration; resetting connection");
                 // The fd's registration state is unknown now; removal deletes it either way.
                 entry.registered = entry.registered.or(want);
                 self.reset_conn(key);
@@ -272,7 +271,9 @@ impl VsockMuxer {
         let tick = tick.clamp(Duration::from_millis(5), Duration::from_secs(1));
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
-            Err(e) => warn!(error = %e, "cannot arm the vsock deadline timer"),
+            Err(e) => {
+                husk_bounds::ratelimited!(warn, error = %e, "cannot arm the vsock deadline timer")
+            }
         }
     }
 
@@ -285,7 +286,10 @@ impl VsockMuxer {
             .map(|(t, _)| *t)
             .collect();
         for token in expired {
-            debug!("host client did not complete the handshake in time; closing");
+            husk_bounds::ratelimited!(
+                debug,
+                "host client did not complete the handshake in time; closing"
+            );
             self.drop_handshake(token);
         }
         let expired: Vec<ConnKey> = self
@@ -295,7 +299,7 @@ impl VsockMuxer {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            debug!(?key, "connection deadline passed; resetting");
+            husk_bounds::ratelimited!(debug, ?key, "connection deadline passed; resetting");
             self.reset_conn(key);
         }
         let pending =
@@ -303,7 +307,9 @@ impl VsockMuxer {
         if !pending {
             match self.timer.clear() {
                 Ok(()) => self.timer_armed = false,
-                Err(e) => warn!(error = %e, "cannot disarm the vsock deadline timer"),
+                Err(e) => {
+                    husk_bounds::ratelimited!(warn, error = %e, "cannot disarm the vsock deadline timer")
+                }
             }
         }
     }
@@ -325,19 +331,20 @@ impl VsockMuxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    warn!(error = %e, "accept on hybrid vsock socket failed");
+                    husk_bounds::ratelimited!(warn, error = %e, "accept on hybrid vsock socket failed");
                     return;
                 }
             };
             if self.total_connections() >= self.cfg.max_connections {
-                warn!(
+                husk_bounds::ratelimited!(
+                    warn,
                     max = self.cfg.max_connections,
                     "too many vsock connections; refusing host client"
                 );
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                warn!(error = %e, "cannot make host client non-blocking; closing it");
+                husk_bounds::ratelimited!(warn, error = %e, "cannot make host client non-blocking; closing it");
                 continue;
             }
             let token = self.new_token();
@@ -346,7 +353,7 @@ impl VsockMuxer {
                 stream.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, token),
             ) {
-                warn!(error = %e, "cannot poll host client; closing it");
+                husk_bounds::ratelimited!(warn, error = %e, "cannot poll host client; closing it");
                 continue;
             }
             self.handshakes.insert(
@@ -364,7 +371,7 @@ impl VsockMuxer {
         let peer_port = match hs.read() {
             Progress::Incomplete => return,
             Progress::Failed(why) => {
-                debug!(why, "host client handshake failed; closing");
+                husk_bounds::ratelimited!(debug, why, "host client handshake failed; closing");
                 self.drop_handshake(token);
                 return;
             }
@@ -374,7 +381,8 @@ impl VsockMuxer {
             return;
         };
         let Some(local_port) = self.alloc_local_port(peer_port) else {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 peer_port,
                 "no free host-side vsock port; closing host client"
             );
@@ -389,7 +397,7 @@ impl VsockMuxer {
             local_port,
             peer_port,
         };
-        debug!(?key, "host client connecting to guest");
+        husk_bounds::ratelimited!(debug, ?key, "host client connecting to guest");
         let conn = Connection::new_host_initiated(
             hs.into_stream(),
             local_port,
@@ -446,7 +454,8 @@ impl VsockMuxer {
     /// The guest connects to host port `key.local_port`: connect to `<uds>_<port>`.
     fn guest_connect(&mut self, key: ConnKey, pkt: &GuestPkt) {
         if self.total_connections() >= self.cfg.max_connections {
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 ?key,
                 max = self.cfg.max_connections,
                 "too many vsock connections; refusing guest connection"
@@ -460,13 +469,13 @@ impl VsockMuxer {
         let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(e) => {
-                debug!(?key, path = %path.display(), error = %e,
+                husk_bounds::ratelimited!(debug, ?key, path = %path.display(), error = %e,
                     "guest connection refused on the host");
                 self.queue_rst(key);
                 return;
             }
         };
-        debug!(?key, path = %path.display(), "guest connected to host listener");
+        husk_bounds::ratelimited!(debug, ?key, path = %path.display(), "guest connected to host listener");
         let conn = Connection::new_guest_initiated(
             stream,
             key.local_port,
@@ -529,7 +538,8 @@ impl VsockChannel for VsockMuxer {
     fn send_pkt<B: BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
         if pkt.src_cid() != self.cfg.guest_cid || pkt.dst_cid() != VSOCK_HOST_CID {
             // Not addressed from this guest to the host: there is nobody to answer.
-            warn!(
+            husk_bounds::ratelimited!(
+                warn,
                 src_cid = pkt.src_cid(),
                 dst_cid = pkt.dst_cid(),
                 guest_cid = self.cfg.guest_cid,
@@ -543,7 +553,12 @@ impl VsockChannel for VsockMuxer {
         };
         let op = pkt.op();
         if pkt.type_() != VIRTIO_VSOCK_TYPE_STREAM {
-            warn!(?key, type_ = pkt.type_(), "unsupported vsock socket type");
+            husk_bounds::ratelimited!(
+                warn,
+                ?key,
+                type_ = pkt.type_(),
+                "unsupported vsock socket type"
+            );
             if op != VIRTIO_VSOCK_OP_RST {
                 self.reset_conn(key);
                 self.queue_rst(key);
@@ -568,14 +583,23 @@ impl VsockChannel for VsockMuxer {
             if self.remove_conn(key).is_some() {
                 // The guest reused the port pair (it rebooted, or forgot): the old stream is
                 // dead either way.
-                info!(?key, "guest re-requested a live connection; replacing it");
+                husk_bounds::ratelimited!(
+                    info,
+                    ?key,
+                    "guest re-requested a live connection; replacing it"
+                );
             }
             self.guest_connect(key, &gp);
             return;
         }
         let Some(entry) = self.conns.get_mut(&key) else {
             if op != VIRTIO_VSOCK_OP_RST {
-                debug!(?key, op, "packet for unknown connection; answering RST");
+                husk_bounds::ratelimited!(
+                    debug,
+                    ?key,
+                    op,
+                    "packet for unknown connection; answering RST"
+                );
                 self.queue_rst(key);
             }
             return;
@@ -644,7 +668,7 @@ impl VsockBackend for VsockMuxer {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => return,
             Err(e) => {
-                warn!(error = %e, "vsock epoll wait failed");
+                husk_bounds::ratelimited!(warn, error = %e, "vsock epoll wait failed");
                 return;
             }
         };
@@ -673,7 +697,11 @@ impl VsockBackend for VsockMuxer {
             peer_port: hdr.src_port,
         };
         if self.conns.contains_key(&key) {
-            warn!(?key, "malformed packet on a live connection; resetting it");
+            husk_bounds::ratelimited!(
+                warn,
+                ?key,
+                "malformed packet on a live connection; resetting it"
+            );
             self.reset_conn(key);
         }
     }

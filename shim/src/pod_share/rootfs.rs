@@ -1,14 +1,14 @@
-//! Mounting containerd's rootfs (the snapshotter's overlayfs or bind mounts)
-//! into the pod's shared directory, where virtio-fs exports it to the guest.
+//! containerd's rootfs mounts (the snapshotter's overlayfs, or bind mounts),
+//! made on a descriptor of the mount point with the host-side flags husk adds.
 
-use std::{
-    fs, io,
-    path::{Path, PathBuf},
+use std::{io, os::fd::OwnedFd, path::Path, path::PathBuf};
+
+use nix::{
+    fcntl::OFlag,
+    mount::{mount, MsFlags},
 };
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-
-use crate::state;
+use crate::hostfs::{detached, resolve};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -25,8 +25,10 @@ pub enum MountError {
         target: PathBuf,
         errno: nix::Error,
     },
-    #[error("creating mount point {path}: {source}")]
-    MountPoint { path: PathBuf, source: io::Error },
+    #[error("mount point {path}: {source}")]
+    Target { path: PathBuf, source: io::Error },
+    #[error("recording the mount: {0}")]
+    Record(#[from] io::Error),
 }
 
 /// One entry of `CreateTaskRequest.rootfs`, as containerd sends it.
@@ -37,43 +39,18 @@ pub struct RootfsMount {
     pub options: Vec<String>,
 }
 
-/// Mounts `mounts` on `target` in order (containerd's semantics: each one on
-/// top of the last). On error, what was mounted is undone.
-pub fn mount_rootfs(mounts: &[RootfsMount], target: &Path) -> Result<(), MountError> {
-    fs::create_dir_all(target).map_err(|source| MountError::MountPoint {
-        path: target.to_path_buf(),
-        source,
-    })?;
-    for (index, m) in mounts.iter().enumerate() {
-        if let Err(e) = mount_one(index, m, target) {
-            unmount_all(target);
-            return Err(e);
-        }
-    }
-    Ok(())
-}
+/// What every rootfs mount gets on the host, whatever containerd asked: files
+/// the guest made setuid or device nodes it created mean nothing on the host.
+const HOST_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 
-/// Bind-mounts an existing directory (a bundle's prepared rootfs).
-pub fn bind(source: &Path, target: &Path) -> Result<(), MountError> {
-    let m = RootfsMount {
-        kind: "bind".into(),
-        source: source.to_string_lossy().into_owned(),
-        options: vec!["rbind".into()],
-    };
-    mount_rootfs(&[m], target)
-}
-
-/// Unmounts everything at or below `target`.
-pub fn unmount_all(target: &Path) {
-    for m in state::mounts_under(target) {
-        if umount2(&m, MntFlags::empty()).is_err() {
-            // Busy (a late reader through virtio-fs): detach instead.
-            let _ = umount2(&m, MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn mount_one(index: usize, m: &RootfsMount, target: &Path) -> Result<(), MountError> {
+/// Mounts `m` on the directory `target` (held open); `host_path` is the same
+/// mount point by name, for errors.
+pub fn mount_one(
+    index: usize,
+    m: &RootfsMount,
+    target: &OwnedFd,
+    host_path: &Path,
+) -> Result<(), MountError> {
     let (flags, data) = parse_options(&m.options);
     let kind = match m.kind.as_str() {
         "bind" | "rbind" => None,
@@ -86,32 +63,52 @@ fn mount_one(index: usize, m: &RootfsMount, target: &Path) -> Result<(), MountEr
             })
         }
     };
-    let mut flags = flags;
-    if kind.is_none() {
-        flags |= MsFlags::MS_BIND;
-        if m.kind == "rbind" {
-            flags |= MsFlags::MS_REC;
-        }
-    }
+    let flags = flags | HOST_FLAGS;
     let err = |errno| MountError::Mount {
         kind: m.kind.clone(),
         source_path: m.source.clone(),
-        target: target.to_path_buf(),
+        target: host_path.to_path_buf(),
         errno,
     };
-    let data_opt = (!data.is_empty()).then_some(data.as_str());
-    mount(Some(m.source.as_str()), target, kind, flags, data_opt).map_err(err)?;
-    // A bind mount ignores MS_RDONLY on the first call: remount to apply it.
-    if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            flags | MsFlags::MS_REMOUNT,
-            None::<&str>,
+    let Some(kind) = kind else {
+        // A bind gets its flags before it is attached, so the guest's view
+        // (a propagated copy) has them too: see hostfs::detached.
+        let recursive = m.kind == "rbind" || flags.contains(MsFlags::MS_REC);
+        let source = nix::fcntl::open(
+            m.source.as_str(),
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
         )
         .map_err(err)?;
-    }
+        // SAFETY: a new descriptor nothing else owns.
+        let source = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(source) };
+        let mut attrs = 0;
+        for (flag, attr) in [
+            (MsFlags::MS_RDONLY, detached::ATTR_RDONLY),
+            (MsFlags::MS_NOSUID, detached::ATTR_NOSUID),
+            (MsFlags::MS_NODEV, detached::ATTR_NODEV),
+            (MsFlags::MS_NOEXEC, detached::ATTR_NOEXEC),
+        ] {
+            if flags.contains(flag) {
+                attrs |= attr;
+            }
+        }
+        return detached::bind(&source, target, recursive, attrs).map_err(|e| {
+            err(nix::errno::Errno::from_raw(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        });
+    };
+    let data_opt = (!data.is_empty()).then_some(data.as_str());
+    let flags = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+    mount(
+        Some(m.source.as_str()),
+        &resolve::fd_path(target),
+        Some(kind),
+        flags,
+        data_opt,
+    )
+    .map_err(err)?;
     Ok(())
 }
 
@@ -126,9 +123,9 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
             "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
             "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
             "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            // Asked-for suid/dev are not honoured on the host (HOST_FLAGS).
+            "suid" | "dev" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
             "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
             "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
             "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
             "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
@@ -136,7 +133,6 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
             "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "defaults" => (MsFlags::empty(), MsFlags::empty()),
             other => {
                 data.push(other.to_string());
                 continue;
@@ -169,13 +165,16 @@ mod tests {
     #[test]
     fn unknown_types_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let e = mount_rootfs(
-            &[RootfsMount {
+        let fd = OwnedFd::from(std::fs::File::open(dir.path()).unwrap());
+        let e = mount_one(
+            0,
+            &RootfsMount {
                 kind: "zfs".into(),
                 source: "pool/x".into(),
                 options: vec![],
-            }],
-            &dir.path().join("t"),
+            },
+            &fd,
+            dir.path(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("zfs"), "{e}");
