@@ -88,7 +88,7 @@ fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 fn skip(reason: &str) {
-    eprintln!("SKIPPED runs_containers_through_the_agent: {reason}");
+    husk_skip::missing("runs_containers_through_the_agent", reason);
 }
 
 /// A busybox root filesystem.

@@ -58,7 +58,10 @@ fn agent_host_pid(unshare_pid: u32) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_as_pid1_and_reboots_its_namespace_on_shutdown() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED runs_as_pid1_and_reboots_its_namespace_on_shutdown: needs root (unshare of PID and mount namespaces)");
+        husk_skip::missing(
+            "runs_as_pid1_and_reboots_its_namespace_on_shutdown",
+            "needs root (unshare of PID and mount namespaces)",
+        );
         return;
     }
     // Not under /tmp or /run: the agent mounts fresh tmpfs over those inside

@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn gnu_cpio_lists_what_was_written() {
         let Ok(out) = std::process::Command::new("cpio").arg("--version").output() else {
-            eprintln!("SKIPPED gnu_cpio_lists_what_was_written: cpio(1) is not installed");
+            husk_skip::missing(
+                "gnu_cpio_lists_what_was_written",
+                "cpio(1) is not installed",
+            );
             return;
         };
         assert!(out.status.success());

@@ -28,7 +28,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// root; otherwise the serial lock and a ready containerd.
 pub fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, HuskContainerd)> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED {test}: containerd and the shim need root");
+        husk_skip::missing(test, "containerd and the shim need root");
         return None;
     }
     crate::init_tracing();

@@ -10,8 +10,9 @@ use husk_tests::{
 #[test]
 fn runc_runs_the_busybox_image_in_a_private_containerd() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED runc_runs_the_busybox_image_in_a_private_containerd: containerd needs root"
+        husk_skip::missing(
+            "runc_runs_the_busybox_image_in_a_private_containerd",
+            "containerd needs root",
         );
         return;
     }

@@ -39,7 +39,10 @@ async fn processes_behave_as_under_runc() {
         nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
         assert_eq!(out.stdout, "mounted after boot\n", "stderr: {}", out.stderr);
     } else {
-        eprintln!("SKIPPED the rootfs mounted after boot: needs root to mount");
+        husk_skip::missing(
+            "processes_behave_as_under_runc (the rootfs mounted after boot)",
+            "needs root to mount",
+        );
     }
 
     let out = pod.run("echo", &sh("echo out; echo err >&2; exit 7")).await;
@@ -374,7 +377,10 @@ async fn two_containers_tty_removal_and_bad_specs() {
 fn containers_on_husk_vmm_in_an_emulated_kvm_host() {
     const NAME: &str = "containers_on_husk_vmm_in_an_emulated_kvm_host";
     if husk_shim::hypervisor::detect::detect().kvm_usable {
-        println!("SKIPPED {NAME}: this host's KVM runs the tests above on husk-vmm itself");
+        husk_skip::not_here(
+            NAME,
+            "this host's KVM runs the tests above on husk-vmm itself",
+        );
         return;
     }
     husk_tests::nested::run_on_husk_vmm(

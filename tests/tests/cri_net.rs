@@ -140,7 +140,10 @@ fn ingress_filters(ns: &str) -> String {
 #[test]
 fn husk_pods_reach_each_other_and_the_host_by_pod_ip() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED husk_pods_reach_each_other_and_the_host_by_pod_ip: CRI, CNI and the shim need root");
+        husk_skip::missing(
+            "husk_pods_reach_each_other_and_the_host_by_pod_ip",
+            "CRI, CNI and the shim need root",
+        );
         return;
     }
     husk_tests::init_tracing();
@@ -298,7 +301,10 @@ fn iptables_rules_with(needle: &str) -> Vec<String> {
 #[test]
 fn husk_pod_port_mapping_reaches_the_vm_from_the_host() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED husk_pod_port_mapping_reaches_the_vm_from_the_host: CRI, CNI and the shim need root");
+        husk_skip::missing(
+            "husk_pod_port_mapping_reaches_the_vm_from_the_host",
+            "CRI, CNI and the shim need root",
+        );
         return;
     }
     husk_tests::init_tracing();

@@ -26,7 +26,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn setup(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, CriContainerd)> {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED {test}: containerd's CRI plugin and the shim need root");
+        husk_skip::missing(test, "containerd's CRI plugin and the shim need root");
         return None;
     }
     husk_tests::init_tracing();

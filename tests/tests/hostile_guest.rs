@@ -268,7 +268,10 @@ async fn share_attacks_fail_on_the_pod_share() {
         rootfs::build_busybox_rootfs,
     };
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED share_attacks_fail_on_the_pod_share: the pod share needs root");
+        husk_skip::missing(
+            "share_attacks_fail_on_the_pod_share",
+            "the pod share needs root",
+        );
         return;
     }
     let (pod, share) = Pod::boot_on_pod_share("hostile").await;
@@ -312,7 +315,10 @@ async fn share_attacks_fail_on_the_pod_share() {
 fn share_attacks_on_husk_vmm_in_an_emulated_kvm_host() {
     const NAME: &str = "share_attacks_on_husk_vmm_in_an_emulated_kvm_host";
     if husk_shim::hypervisor::detect::detect().kvm_usable {
-        println!("SKIPPED {NAME}: this host's KVM runs share_attacks_fail_on_the_pod_share on husk-vmm itself");
+        husk_skip::not_here(
+            NAME,
+            "this host's KVM runs share_attacks_fail_on_the_pod_share on husk-vmm itself",
+        );
         return;
     }
     husk_tests::nested::run_on_husk_vmm(

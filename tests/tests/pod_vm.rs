@@ -218,7 +218,10 @@ async fn a_boot_deadline_gives_a_clear_error_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pod_nic_carries_packets_both_ways() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED the_pod_nic_carries_packets_both_ways: needs root (a network namespace, a tap)");
+        husk_skip::missing(
+            "the_pod_nic_carries_packets_both_ways",
+            "needs root (a network namespace, a tap)",
+        );
         return;
     }
     init_tracing();
@@ -266,7 +269,10 @@ fn pod_vms_on_husk_vmm_in_an_emulated_kvm_host() {
     const NAME: &str = "pod_vms_on_husk_vmm_in_an_emulated_kvm_host";
     let host = husk_shim::hypervisor::detect::detect();
     if host.kvm_usable {
-        println!("SKIPPED {NAME}: this host's KVM runs the tests above on husk-vmm itself");
+        husk_skip::not_here(
+            NAME,
+            "this host's KVM runs the tests above on husk-vmm itself",
+        );
         return;
     }
     husk_tests::nested::run_on_husk_vmm(

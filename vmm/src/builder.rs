@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::IoEventAddress;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -738,7 +738,7 @@ impl Vmm {
                     }
                 }
             }
-            other => debug!(token = other, "unknown event"),
+            other => husk_bounds::ratelimited!(debug, token = other, "unknown event"),
         }
     }
 
@@ -767,7 +767,9 @@ impl Vmm {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn!(error = %e, "API accept failed");
+                    // EMFILE once the guest has used up --max-open-files (vsock connections,
+                    // file server inodes): it repeats on every wake-up until fds come back.
+                    husk_bounds::ratelimited!(warn, error = %e, "API accept failed");
                     return;
                 }
             }

@@ -46,8 +46,8 @@ pub struct RunArgs {
     /// File the guest console (COM1) is appended to.
     #[arg(long, value_name = "PATH")]
     console_log: Option<PathBuf>,
-    /// The console log's cap in bytes: when it is reached the file starts over with a
-    /// line saying how much was dropped (so it holds the newest output).
+    /// The console log's cap in bytes (at least 4096): when it is reached the file starts
+    /// over with a line saying how much was dropped (so it holds the newest output).
     #[arg(long, value_name = "BYTES", default_value_t = husk_bounds::DEFAULT_LOG_MAX_BYTES)]
     console_log_max_bytes: u64,
     /// Leave out the virtio-rng device.
@@ -76,11 +76,11 @@ pub struct RunArgs {
     /// Needs root.
     #[arg(long)]
     jail: bool,
-    /// Most fds the process may hold: bounds the vsock connections (1024 at most at once)
-    /// and, with --shared-dir, the inodes and open files the guest can make the file server
-    /// keep (one fd each, until the guest forgets them: a guest that never does would
-    /// otherwise hold host fds without bound).
-    #[arg(long, value_name = "N", default_value_t = 65_536)]
+    /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard): bounds the vsock
+    /// connections (1024 at most at once) and, with --shared-dir, the inodes and open files
+    /// the guest can make the file server keep (one fd each, until the guest forgets them: a
+    /// guest that never does would otherwise hold host fds without bound).
+    #[arg(long, value_name = "N", default_value_t = husk_vmm::limits::DEFAULT_MAX_OPEN_FILES_FS)]
     max_open_files: u64,
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
@@ -99,8 +99,9 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
             .with_context(|| format!("HUSK_BOOT_T0_NS={v:?}: not a number"))?,
         Err(_) => t0_ns,
     };
-    husk_vmm::devices::virtio::fs::limit_open_files(args.max_open_files)
-        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
+    // Before anything is opened: the guest can make the VM hold fds without bound
+    // otherwise (husk_vmm::limits).
+    crate::open_file_limit(args.max_open_files)?;
     let mut cfg = VmConfig::new(BootSource::Linux {
         kernel: args.kernel,
         initrd: args.initrd,

@@ -296,7 +296,7 @@ mod tests {
     #[test]
     fn a_jailed_process_sees_only_what_it_keeps() {
         if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED a_jailed_process_sees_only_what_it_keeps: needs root");
+            husk_skip::missing("a_jailed_process_sees_only_what_it_keeps", "needs root");
             return;
         }
         let t = tempfile::tempdir().unwrap();

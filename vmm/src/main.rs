@@ -12,13 +12,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
 mod cli_run;
 
-use husk_vmm::devices::virtio::fs::{limit_open_files, CacheMode, FsConfig, FsDevice};
+use husk_vmm::devices::virtio::fs::{CacheMode, FsConfig, FsDevice};
 use husk_vmm::devices::virtio::net::{parse_mac, tap::tap_from_raw_fd, NetDevice, Tap};
 use husk_vmm::devices::virtio::vsock::{MuxerConfig, VsockMuxer};
+use husk_vmm::limits::{limit_open_files, DEFAULT_MAX_OPEN_FILES, DEFAULT_MAX_OPEN_FILES_FS};
 use husk_vmm::sock::bind_unix_listener;
 use husk_vmm::vhost_user::serve_fs;
 use husk_vmm::vhost_user::serve_net;
@@ -67,8 +67,10 @@ struct VhostUserFsArgs {
     /// Pass extended attributes through (file capabilities, ACLs).
     #[arg(long)]
     xattr: bool,
-    /// Most fds the process may hold: bounds the inodes and open files the guest can pin.
-    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard): the file server keeps
+    /// one per inode the guest looked up until the guest forgets it, and one per open file;
+    /// past the limit the guest gets EMFILE.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES_FS)]
     max_open_files: u64,
 }
 
@@ -88,8 +90,8 @@ struct VhostUserNetArgs {
     /// sees; this one is offered too when QEMU asks for the config space.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
-    /// Most fds the process may hold (it needs a handful).
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
 }
 
@@ -105,21 +107,15 @@ struct VhostUserVsockArgs {
     /// The guest's context id (3 or more).
     #[arg(long, value_name = "CID", default_value_t = 3)]
     guest_cid: u64,
-    /// Most fds the process may hold: bounds the host connections a guest can make it keep
-    /// (the device itself allows 1024 at once).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard): bounds the host
+    /// connections a guest can make it keep (the device itself allows 1024 at once).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
 }
 
 fn main() -> ExitCode {
     let t0_ns = cli_run::now_ns();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    husk_vmm::logging::init();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::VhostUserVsock(args) => vhost_user_vsock(args),
@@ -147,8 +143,7 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
             u32::MAX - 1
         );
     }
-    limit_open_files(args.max_open_files)
-        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
+    open_file_limit(args.max_open_files)?;
     let sockets = vec![args.uds.clone(), args.socket.clone()];
     exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
 
@@ -181,8 +176,7 @@ fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
     let shared_dir = cfg
         .validate()
         .with_context(|| format!("--shared-dir {}", args.shared_dir.display()))?;
-    let max_open_files = limit_open_files(args.max_open_files)
-        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
+    let max_open_files = open_file_limit(args.max_open_files)?;
     let sockets = vec![args.socket.clone()];
     exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
 
@@ -226,8 +220,7 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
         (None, Some(fd)) => tap_from_raw_fd(fd).with_context(|| format!("--tap-fd {fd}"))?,
         (None, None) => bail!("one of --tap or --tap-fd is required"),
     };
-    limit_open_files(args.max_open_files)
-        .with_context(|| format!("--max-open-files {}", args.max_open_files))?;
+    open_file_limit(args.max_open_files)?;
     let tap_name = tap.name().to_string();
     let device = NetDevice::new(tap, mac).context("cannot set up the net device")?;
     let sockets = vec![args.socket.clone()];
@@ -244,6 +237,14 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
     remove_sockets(&sockets);
     info!("vhost-user front end disconnected; exiting");
     res
+}
+
+/// Caps the fds this process may hold (see `husk_vmm::limits`): a guest can make every
+/// backend keep host fds for as long as it likes (virtio-fs inodes until it sends FORGET,
+/// vsock connections until it closes them), so each one sets RLIMIT_NOFILE first thing.
+pub(crate) fn open_file_limit(max: u64) -> Result<u64> {
+    limit_open_files(max)
+        .with_context(|| format!("--max-open-files {max}: cannot set RLIMIT_NOFILE"))
 }
 
 /// SIGINT and SIGTERM end the process cleanly: sockets removed, exit status 0.

@@ -341,25 +341,18 @@ fn binary_caps_the_console_log_of_a_flooding_guest() {
     assert!(text.ends_with("LAST LINE\n"), "{text}");
 }
 
-/// Every subcommand caps its open files (--max-open-files): what a guest can make it hold.
-#[test]
-fn backends_cap_their_open_files() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("vsock.vhost");
+/// Spawns husk-vmm with `args`, waits for `ready` to appear, and returns the "Max open
+/// files" soft and hard limits from its /proc/<pid>/limits (the child is killed after).
+fn open_file_limits(args: &[&std::ffi::OsStr], ready: &Path) -> Vec<String> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
-        .arg("vhost-user-vsock")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--uds")
-        .arg(dir.path().join("vsock.sock"))
-        .args(["--max-open-files", "77"])
+        .args(args)
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn husk-vmm");
     let limits = format!("/proc/{}/limits", child.id());
     let mut line = String::new();
-    for _ in 0..500 {
-        if socket.exists() {
+    for _ in 0..2000 {
+        if ready.exists() {
             line = std::fs::read_to_string(&limits)
                 .expect("limits")
                 .lines()
@@ -368,12 +361,233 @@ fn backends_cap_their_open_files() {
                 .to_string();
             break;
         }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("husk-vmm {args:?} exited early: {status}");
+        }
         thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
     let _ = child.wait();
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(fields.get(3..5), Some(&["77", "77"][..]), "{line:?}");
+    // "Max open files  <soft>  <hard>  files"
+    line.split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every subcommand caps its open files (--max-open-files, soft and hard): what a guest can
+/// make it hold (virtio-fs inodes it never forgets, vsock connections).
+#[test]
+fn backends_cap_their_open_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let vhost = dir.path().join("vsock.vhost");
+    let uds = dir.path().join("vsock.sock");
+    let vsock = open_file_limits(
+        &[
+            os("vhost-user-vsock"),
+            os("--socket"),
+            vhost.as_os_str(),
+            os("--uds"),
+            uds.as_os_str(),
+            os("--max-open-files"),
+            os("77"),
+        ],
+        &vhost,
+    );
+    assert_eq!(vsock, ["77", "77"], "vhost-user-vsock");
+
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).expect("share dir");
+    let fs_sock = dir.path().join("fs.vhost");
+    let fs = open_file_limits(
+        &[
+            os("vhost-user-fs"),
+            os("--socket"),
+            fs_sock.as_os_str(),
+            os("--shared-dir"),
+            share.as_os_str(),
+            os("--tag"),
+            os("t"),
+        ],
+        &fs_sock,
+    );
+    // The default, unless the hard limit it inherits from us is lower still.
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct that we own.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+        0
+    );
+    let want = husk_vmm::limits::DEFAULT_MAX_OPEN_FILES_FS
+        .min(ours.rlim_max)
+        .to_string();
+    assert_eq!(fs, [want.clone(), want], "vhost-user-fs (the default)");
+}
+
+/// Spins until the TSC has advanced by `ticks` (a pause measured in time, not in loop
+/// iterations, which some nested hosts run very slowly).
+fn spin_tsc(asm: &mut Asm, ticks: u32) {
+    assert!(ticks < 1 << 31, "cmp rax, imm32 sign-extends");
+    let read_tsc: &[u8] = &[
+        0x0f, 0x31, // rdtsc
+        0x48, 0xc1, 0xe2, 0x20, // shl rdx, 32
+        0x48, 0x09, 0xd0, // or rax, rdx
+    ];
+    asm.code.extend_from_slice(read_tsc);
+    asm.code.extend_from_slice(&[0x48, 0x89, 0xc6]); // mov rsi, rax
+    let top = asm.code.len();
+    asm.code.extend_from_slice(read_tsc);
+    asm.code.extend_from_slice(&[0x48, 0x29, 0xf0]); // sub rax, rsi
+    asm.code.extend_from_slice(&[0x48, 0x3d]); // cmp rax, imm32
+    asm.code.extend_from_slice(&ticks.to_le_bytes());
+    let rel = top as isize - (asm.code.len() as isize + 2);
+    asm.code.extend_from_slice(&[0x72, rel as i8 as u8]); // jb top
+}
+
+/// `husk-vmm run` sets RLIMIT_NOFILE before it builds the VM.
+#[test]
+fn binary_run_caps_its_open_files() {
+    require_kvm!("binary_run_caps_its_open_files");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let code = Asm::new().serial_write(b"idle\n").halt_forever().build();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf_for(&code, 0x20_0000)).expect("write kernel");
+    let api = dir.path().join("api.sock");
+    let os = std::ffi::OsStr::new;
+    let got = open_file_limits(
+        &[
+            os("run"),
+            os("--kernel"),
+            kernel.as_os_str(),
+            os("--memory"),
+            os("64"),
+            os("--api-sock"),
+            api.as_os_str(),
+            os("--max-open-files"),
+            os("99"),
+        ],
+        &api,
+    );
+    assert_eq!(got, ["99", "99"]);
+}
+
+/// A guest that makes husk-vmm log the same complaint thousands of times, under seccomp: its
+/// own lines (a queue register written before FEATURES_OK) and a dependency's (virtio-queue's
+/// "invalid size", through the log bridge) come out at most a burst and a few a second, with
+/// the count of the rest.
+#[test]
+fn binary_rate_limits_the_log_lines_a_guest_triggers() {
+    require_kvm!("binary_rate_limits_the_log_lines_a_guest_triggers");
+    const TIMES: usize = 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut asm = Asm::new();
+    // virtio-rng is the only device: window 0.
+    asm.mov_edi(VIRTIO_MMIO_BASE)
+        .store32(STATUS as u32, 1)
+        .store32(STATUS as u32, 3)
+        .store32(QUEUE_SEL as u32, 0);
+    for _ in 0..TIMES {
+        // Out of order (no FEATURES_OK yet): husk-vmm's own warning.
+        asm.store32(QUEUE_NUM as u32, 16);
+    }
+    asm.store32(DRIVER_FEATURES_SEL as u32, 1)
+        .store32(DRIVER_FEATURES as u32, 1)
+        .store32(STATUS as u32, 0xb);
+    for _ in 0..TIMES {
+        // Not a power of two: virtio-queue's error, a `log` record.
+        asm.store32(QUEUE_NUM as u32, 3);
+    }
+    // A pause (a billion TSC ticks: 0.2 to 1 s), then each once more after a device reset:
+    // a token is back, and the line says how many were held back.
+    spin_tsc(&mut asm, 1_000_000_000);
+    asm.store32(STATUS as u32, 0)
+        .store32(STATUS as u32, 1)
+        .store32(STATUS as u32, 3)
+        .store32(QUEUE_SEL as u32, 0)
+        .store32(QUEUE_NUM as u32, 16)
+        .store32(DRIVER_FEATURES_SEL as u32, 1)
+        .store32(DRIVER_FEATURES as u32, 1)
+        .store32(STATUS as u32, 0xb)
+        .store32(QUEUE_NUM as u32, 3);
+    asm.serial_write(b"done\n").i8042_reset();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf_for(&asm.build(), 0x20_0000)).expect("write kernel");
+    let log = dir.path().join("console.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .env("RUST_LOG", "info")
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--console-log"])
+        .arg(&log)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn husk-vmm");
+    let mut pipe = child.stderr.take().expect("stderr");
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().expect("stderr reader");
+    let Some(status) = status else {
+        panic!("the guest did not finish in 60 s: {stderr}");
+    };
+    assert!(status.success(), "husk-vmm failed: {stderr}");
+    assert_eq!(std::fs::read_to_string(&log).expect("log"), "done\n");
+    // The number right after `key` in a line, if there is one.
+    let number_after = |line: &str, key: &str| -> Option<usize> {
+        let rest = line.split(key).nth(1)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    // husk-vmm's own line: shown, or counted in `suppressed=` on the next one shown.
+    let own: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("queue register written out of order"))
+        .collect();
+    let own_held: usize = own
+        .iter()
+        .filter_map(|l| number_after(l, "suppressed="))
+        .sum();
+    // virtio-queue's: shown, or counted in a line of its own before the next one shown.
+    let dep = stderr
+        .lines()
+        .filter(|l| l.contains("virtio queue with invalid size: 3"))
+        .count();
+    let dep_held: usize = stderr
+        .lines()
+        .filter(|l| l.contains("earlier lines from") && l.contains("virtio-queue"))
+        .filter_map(|l| number_after(l, "virtio_queue::queue: "))
+        .sum();
+    // A burst of 20, a few more if the guest was slow, and the one after the pause.
+    assert!(
+        (21..=60).contains(&own.len()),
+        "{} own lines: {stderr}",
+        own.len()
+    );
+    assert!((21..=60).contains(&dep), "{dep} dependency lines: {stderr}");
+    assert!(stderr.lines().count() < 200, "{stderr}");
+    // Every one of the TIMES + 1 is either shown or counted: the last comes after the pause.
+    assert_eq!(own.len() + own_held, TIMES + 1, "own: {stderr}");
+    assert_eq!(dep + dep_held, TIMES + 1, "virtio-queue: {stderr}");
 }
 
 #[test]

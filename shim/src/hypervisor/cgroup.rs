@@ -302,14 +302,20 @@ mod tests {
     #[test]
     fn a_child_joins_before_exec_and_the_cgroup_is_removed_after() {
         if !nix::unistd::geteuid().is_root() {
-            println!("SKIPPED a_child_joins_before_exec...: needs root");
+            husk_skip::missing(
+                "a_child_joins_before_exec_and_the_cgroup_is_removed_after",
+                "needs root",
+            );
             return;
         }
         let name = format!("/husk-test-{}", std::process::id());
         let cg = match PodCgroup::create(&name) {
             Ok(cg) => cg,
             Err(CgroupError::NoHierarchy) => {
-                println!("SKIPPED a_child_joins_before_exec...: no cgroup hierarchy");
+                husk_skip::missing(
+                    "a_child_joins_before_exec_and_the_cgroup_is_removed_after",
+                    "no cgroup hierarchy",
+                );
                 return;
             }
             Err(e) => panic!("{e}"),

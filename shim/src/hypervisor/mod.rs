@@ -8,10 +8,12 @@
 //! asked for on KVM.
 
 pub mod cgroup;
+mod choose;
 pub mod detect;
 pub mod husk_vmm;
 pub mod logs;
 mod pod_vm;
+mod process;
 pub mod qemu;
 
 use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};

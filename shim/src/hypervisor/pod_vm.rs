@@ -8,8 +8,7 @@
 //! directory, so nothing is leaked.
 
 use std::{
-    fs,
-    io::{self, Read, Seek, SeekFrom},
+    fs, io,
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
@@ -23,16 +22,15 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use super::choose::select;
 use super::{
     cgroup::{self, CgroupError, PodCgroup},
-    detect, husk_vmm,
+    husk_vmm,
     logs::{self, SharedLog},
-    qemu, Accel, AccelChoice, Hypervisor, HypervisorChoice, VmSpec,
+    process::{inherit_fd, reap_now, spawn, tail, unix_socket_listening},
+    qemu, Accel, Hypervisor, VmSpec,
 };
 use crate::agent_client::{AgentClient, AgentError};
-
-/// How much of a log an error message quotes.
-const LOG_TAIL_BYTES: u64 = 3000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -345,7 +343,13 @@ impl PodVm {
             t.abort();
         }
         self.stop_log_tasks();
-        self.remove_cgroup();
+        // Retries EBUSY with sleeps while the kernel frees the cgroup: off the
+        // async workers.
+        if let Some(cg) = self.cgroup.take() {
+            let dirs = cg.dirs().to_vec();
+            drop(cg);
+            let _ = tokio::task::spawn_blocking(move || cgroup::remove_dirs(&dirs)).await;
+        }
         remove_state_dir(&self.paths.dir);
     }
 
@@ -677,18 +681,6 @@ impl Drop for PodVm {
     }
 }
 
-fn reap_now(mut child: Child) {
-    let _ = child.start_kill();
-    let until = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < until {
-        if !matches!(child.try_wait(), Ok(None)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    warn!(pid = ?child.id(), "VM process did not exit after SIGKILL");
-}
-
 fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
     let bad = |m: String| Err(LaunchError::InvalidSpec(m));
     for (what, p) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
@@ -744,93 +736,6 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
     Ok(())
 }
 
-/// Lets the VM process inherit the pod's tap. The fd is close-on-exec (so
-/// device backends and other children never hold the pod's NIC); only the
-/// process whose command line names this number gets it.
-fn inherit_fd(cmd: &mut Command, fd: i32) {
-    // SAFETY: fcntl(2) is async-signal-safe and touches only this fd.
-    unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// The hypervisor and accelerator a launch of `spec` uses on this host, and
-/// what the host's KVM can do (for logs).
-pub fn select(spec: &VmSpec) -> Result<(Hypervisor, Accel, String), LaunchError> {
-    let host = detect::detect();
-    let (h, a) = choose(spec.hypervisor, spec.accel, host.kvm_usable).map_err(|e| match e {
-        Choice::NeedsKvm(what) => LaunchError::KvmUnavailable(format!("{what}: {}", host.reason)),
-        Choice::Invalid(m) => LaunchError::InvalidSpec(m),
-    })?;
-    Ok((h, a, host.reason))
-}
-
-/// Why a hypervisor/accelerator pair cannot be used.
-#[derive(Debug, PartialEq, Eq)]
-enum Choice {
-    /// This choice needs KVM that can run a stock guest.
-    NeedsKvm(&'static str),
-    Invalid(String),
-}
-
-/// Which program runs the VM, and how. `Auto` takes husk-vmm where KVM can
-/// run a stock guest (it starts faster and leaner than QEMU), QEMU with TCG
-/// elsewhere; husk-vmm has no emulator, so it never takes TCG.
-fn choose(
-    hypervisor: HypervisorChoice,
-    accel: AccelChoice,
-    kvm_usable: bool,
-) -> Result<(Hypervisor, Accel), Choice> {
-    use AccelChoice as A;
-    use HypervisorChoice as H;
-    match (hypervisor, accel, kvm_usable) {
-        (H::HuskVmm, A::Tcg, _) => Err(Choice::Invalid(
-            "hypervisor husk-vmm runs on KVM only; accel tcg needs hypervisor qemu".into(),
-        )),
-        (H::HuskVmm, _, false) => Err(Choice::NeedsKvm("husk-vmm needs KVM")),
-        (H::HuskVmm, _, true) | (H::Auto, A::Auto | A::Kvm, true) => {
-            Ok((Hypervisor::HuskVmm, Accel::Kvm))
-        }
-        (H::Auto | H::Qemu, A::Kvm, false) => Err(Choice::NeedsKvm("accel kvm was requested")),
-        (H::Qemu, A::Auto | A::Kvm, true) => Ok((Hypervisor::Qemu, Accel::Kvm)),
-        (H::Auto | H::Qemu, A::Tcg, _) | (H::Auto | H::Qemu, A::Auto, false) => {
-            Ok((Hypervisor::Qemu, Accel::Tcg))
-        }
-    }
-}
-
-/// `cgroup_fds`: the pod cgroup's `cgroup.procs` files, joined before exec.
-fn spawn(
-    mut cmd: Command,
-    what: &'static str,
-    binary: &Path,
-    cgroup_fds: Vec<i32>,
-) -> Result<Child, LaunchError> {
-    cmd.kill_on_drop(true);
-    // If the process that launched the VM dies without cleaning up (crash,
-    // SIGKILL), the kernel ends the VM's processes too.
-    // SAFETY: prctl(2) and join_self's write(2) are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            cgroup::join_self(&cgroup_fds)
-        });
-    }
-    cmd.spawn().map_err(|source| LaunchError::Spawn {
-        what,
-        binary: binary.to_path_buf(),
-        source,
-    })
-}
-
 fn state_err(path: &Path, source: io::Error) -> LaunchError {
     LaunchError::StateDir {
         path: path.to_path_buf(),
@@ -846,67 +751,9 @@ fn remove_state_dir(dir: &Path) {
     }
 }
 
-/// Whether a Unix socket is bound at `path` and listening, from
-/// /proc/net/unix (flag __SO_ACCEPTCON, 0x10000).
-fn unix_socket_listening(path: &Path) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let want = path.as_os_str().to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        cols.len() >= 8
-            && cols[7] == want
-            && u32::from_str_radix(cols[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
-    })
-}
-
-/// The last few KiB of a log file, for error messages.
-fn tail(path: &Path) -> String {
-    let read = || -> io::Result<String> {
-        let mut f = fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    read().unwrap_or_else(|e| format!("<{} unreadable: {e}>", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn auto_takes_husk_vmm_on_kvm_and_qemu_tcg_elsewhere() {
-        use AccelChoice as A;
-        use HypervisorChoice as H;
-        let ok = |h, a, k| choose(h, a, k).unwrap();
-        assert_eq!(
-            ok(H::Auto, A::Auto, true),
-            (Hypervisor::HuskVmm, Accel::Kvm)
-        );
-        assert_eq!(ok(H::Auto, A::Auto, false), (Hypervisor::Qemu, Accel::Tcg));
-        assert_eq!(ok(H::Auto, A::Tcg, true), (Hypervisor::Qemu, Accel::Tcg));
-        assert_eq!(ok(H::Qemu, A::Auto, true), (Hypervisor::Qemu, Accel::Kvm));
-        assert_eq!(ok(H::Qemu, A::Auto, false), (Hypervisor::Qemu, Accel::Tcg));
-        assert_eq!(
-            ok(H::HuskVmm, A::Kvm, true),
-            (Hypervisor::HuskVmm, Accel::Kvm)
-        );
-        assert_eq!(
-            choose(H::HuskVmm, A::Auto, false),
-            Err(Choice::NeedsKvm("husk-vmm needs KVM"))
-        );
-        assert!(
-            matches!(choose(H::HuskVmm, A::Tcg, true), Err(Choice::Invalid(m)) if m.contains("tcg"))
-        );
-        assert!(matches!(
-            choose(H::Qemu, A::Kvm, false),
-            Err(Choice::NeedsKvm(_))
-        ));
-    }
 
     #[test]
     fn specs_with_bad_values_are_rejected_by_name() {
@@ -936,7 +783,7 @@ mod tests {
         let state = dir.path().join("state");
         let mut s = VmSpec::new("t", k.clone(), k, state.clone());
         s.vmm_binary = dir.path().join("no-such-husk-vmm");
-        s.accel = AccelChoice::Tcg;
+        s.accel = crate::hypervisor::AccelChoice::Tcg;
         let err = PodVm::launch(s).await.err().expect("launch must fail");
         assert!(
             matches!(
@@ -949,24 +796,5 @@ mod tests {
             "{err}"
         );
         assert!(!state.exists(), "state directory left behind");
-    }
-
-    #[test]
-    fn listening_sockets_are_seen_in_proc_net_unix() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("l.sock");
-        assert!(!unix_socket_listening(&p));
-        let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
-        assert!(unix_socket_listening(&p));
-    }
-
-    #[test]
-    fn tail_quotes_the_end_of_a_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log");
-        fs::write(&p, "a".repeat(5000) + "END").unwrap();
-        let t = tail(&p);
-        assert!(t.ends_with("END") && t.len() as u64 == LOG_TAIL_BYTES);
-        assert!(tail(&dir.path().join("none")).contains("unreadable"));
     }
 }

@@ -355,8 +355,9 @@ impl PodShare {
 
     /// Unmounts everything the share mounted (containers, the view, `mounts/`)
     /// and removes the share's directories and record.
-    pub fn teardown(self) -> Leftovers {
-        let mut rec = self.record.into_inner().unwrap_or_else(|p| p.into_inner());
+    /// Idempotent: the record forgets what it unmounted.
+    pub fn teardown(&self) -> Leftovers {
+        let mut rec = self.record.lock().unwrap_or_else(|p| p.into_inner());
         teardown_recorded(&self.pod_dir, &mut rec)
     }
 }

@@ -12,7 +12,7 @@ fn root() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    eprintln!("SKIPPED pod_share tests: mounts need root");
+    husk_skip::missing("pod_share tests", "mounts need root");
     false
 }
 

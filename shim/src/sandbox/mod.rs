@@ -10,6 +10,7 @@ pub mod oom;
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -60,15 +61,20 @@ pub struct BootTimings {
     pub sandbox_ready: Duration,
 }
 
+/// Shared (`Arc`) between the task calls that use it, so that none holds the
+/// pod's lock while it talks to the agent; going down takes `&self`.
 pub struct Sandbox {
     id: SandboxId,
     dir: PathBuf,
-    vm: Option<PodVm>,
+    /// `None` once the VM is down. Held only to read pids or to take the VM out.
+    vm: Mutex<Option<PodVm>>,
+    /// The VM's pid, read once: what every task reports to containerd.
+    vm_pid: u32,
     /// The pod share; torn down after the VM, which exports it.
-    share: Option<PodShare>,
+    share: PodShare,
     /// The tap and tc redirect in the pod's network namespace; torn down
     /// after the VM, which holds the tap.
-    network: Option<PodNetwork>,
+    network: Mutex<Option<PodNetwork>>,
     agent: AgentClient,
     console_copy: Option<PathBuf>,
     /// The pod's container ids, for checking what the guest reports.
@@ -236,9 +242,10 @@ impl Sandbox {
         Ok(Sandbox {
             id: id.clone(),
             dir: dir.to_path_buf(),
-            vm: Some(vm),
-            share: Some(share),
-            network,
+            vm_pid: vm.pids().first().copied().unwrap_or(0),
+            vm: Mutex::new(Some(vm)),
+            share,
+            network: Mutex::new(network),
             agent,
             known,
             console_copy: config
@@ -268,30 +275,32 @@ impl Sandbox {
     }
 
     /// The pod share: where container rootfs and bind mounts are made.
-    pub fn share(&self) -> Result<&PodShare, SandboxError> {
-        self.share
-            .as_ref()
-            .ok_or_else(|| SandboxError::Config(format!("sandbox {} is going down", self.id)))
+    pub fn share(&self) -> &PodShare {
+        &self.share
     }
 
-    /// QEMU's pid: the host process that stands for the pod's tasks.
+    /// QEMU's (or husk-vmm's) pid: the host process that stands for the pod's tasks.
     pub fn vm_pid(&self) -> u32 {
-        self.vm
-            .as_ref()
-            .and_then(|vm| vm.pids().first().copied())
-            .unwrap_or(0)
+        self.vm_pid
     }
 
     /// Powers the VM off (killing it after `grace`), then removes the
-    /// sandbox directory and everything mounted under it.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// sandbox directory and everything mounted under it. A second call finds
+    /// nothing left to do.
+    pub async fn shutdown(&self, grace: Duration) {
         self.oom_task.abort();
-        if let Some(vm) = self.vm.take() {
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(vm) = vm {
             self.copy_console(&vm);
             let outcome = vm.shutdown(grace).await;
             info!(sandbox = %self.id, ?outcome, "pod VM down");
         }
-        if let Some(mut net) = self.network.take() {
+        let net = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut net) = net {
             tokio::task::spawn_blocking(move || net.teardown())
                 .await
                 .unwrap_or_else(|e| warn!("pod network teardown: {e}"));
@@ -301,11 +310,9 @@ impl Sandbox {
 
     /// The share's mounts, then the directory: never deleting through a mount
     /// that stayed (what is left is logged and left in place).
-    fn remove_host_state(&mut self) {
-        if let Some(share) = self.share.take() {
-            // Leftovers are logged by the share itself.
-            let _ = share.teardown();
-        }
+    fn remove_host_state(&self) {
+        // Leftovers are logged by the share itself.
+        let _ = self.share.teardown();
         if let Err(e) = state::remove_sandbox_dir(&self.dir) {
             warn!(sandbox = %self.id, "{e}");
         }
@@ -363,9 +370,14 @@ async fn configure_guest_network(
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.oom_task.abort();
-        if self.vm.is_some() {
+        let vm = self.vm.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if vm.is_some() {
             // Dropping the PodVm kills the VM; the directory goes too.
-            self.vm = None;
+            drop(vm);
+            self.network
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             self.remove_host_state();
         }
     }

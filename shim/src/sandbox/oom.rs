@@ -60,12 +60,10 @@ pub async fn forward(agent: AgentClient, events: Events, known: KnownContainers)
                     husk_bounds::ratelimited!(warn, "OOM events over 5/s from the guest; dropped");
                     continue;
                 }
-                events
-                    .send(TaskOOM {
-                        container_id,
-                        ..Default::default()
-                    })
-                    .await
+                events.send(TaskOOM {
+                    container_id,
+                    ..Default::default()
+                })
             }
             Ok(None) => {}
             Err(e) => {

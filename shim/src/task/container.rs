@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{
     errors::{agent as agent_err, internal, invalid, precondition, status, Result},
     process::{Exit, Process},
-    stdio, Inner, Pod,
+    stdio, Inner,
 };
 use crate::{
     bundle::{Bundle, PodRole},
@@ -34,7 +34,9 @@ pub struct Container {
     pub paused: bool,
 }
 
-pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Result<u32> {
+/// Runs with the pod's lifecycle lock held (creates and deletes one at a
+/// time), never the state lock across an await.
+pub async fn create(inner: &Inner, req: &CreateTaskRequest) -> Result<u32> {
     ids::check("container", &req.id).map_err(invalid)?;
     if !req.checkpoint.is_empty() {
         return Err(status(
@@ -42,16 +44,20 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
             "restoring from a checkpoint is not supported by husk",
         ));
     }
-    if pod.containers.contains_key(&req.id) {
-        return Err(status(
-            ttrpc::Code::ALREADY_EXISTS,
-            format!("container {} already exists", req.id),
-        ));
-    }
+    let running = {
+        let pod = inner.pod();
+        if pod.containers.contains_key(&req.id) {
+            return Err(status(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
+        }
+        pod.sandbox.clone()
+    };
     let bundle = Bundle::read(req.bundle.as_ref()).map_err(invalid)?;
     let role = bundle.role(&req.id).map_err(invalid)?;
 
-    let booted_here = match (&role, &pod.sandbox) {
+    let (sandbox, booted_here) = match (&role, running) {
         (PodRole::Sandbox(sb), None) => {
             let config = Config::load(options::config_path(req.options.as_ref()).as_deref())
                 .map_err(invalid)?;
@@ -84,8 +90,9 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
                 ready_ms = sandbox.timings.sandbox_ready.as_millis() as u64,
                 "pod VM booted"
             );
-            pod.sandbox = Some(sandbox);
-            true
+            let sandbox = Arc::new(sandbox);
+            inner.pod().sandbox = Some(sandbox.clone());
+            (sandbox, true)
         }
         (PodRole::Sandbox(sb), Some(running)) => {
             return Err(precondition(format!(
@@ -94,7 +101,7 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
                 req.id
             )))
         }
-        (PodRole::Member(sb), Some(running)) if running.id() == sb.as_str() => false,
+        (PodRole::Member(sb), Some(running)) if running.id() == sb.as_str() => (running, false),
         (PodRole::Member(sb), _) => {
             return Err(precondition(format!(
                 "container {} names sandbox {sb}, which is not running in this shim",
@@ -103,20 +110,25 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
         }
     };
 
-    let result = create_in_sandbox(pod, inner, req, &bundle).await;
+    // The spec names the pause container's namespaces by host pid: they are
+    // pointed at its process in the guest.
+    let sandbox_guest_pid = inner
+        .pod()
+        .containers
+        .get(sandbox.id())
+        .map(|c| c.init.guest_pid)
+        .filter(|&pid| pid > 0);
+    let result = create_in_sandbox(&sandbox, sandbox_guest_pid, inner, req, &bundle).await;
     match result {
         Ok(c) => {
-            if let Some(sb) = &pod.sandbox {
-                sb.known_containers().insert(&c.id);
-            }
-            pod.containers.insert(c.id.clone(), c);
-            Ok(pod.vm_pid())
+            sandbox.known_containers().insert(&c.id);
+            inner.pod().containers.insert(c.id.clone(), c);
+            Ok(sandbox.vm_pid())
         }
         Err(e) => {
             if booted_here {
-                if let Some(sb) = pod.sandbox.take() {
-                    sb.shutdown(std::time::Duration::from_secs(2)).await;
-                }
+                inner.pod().sandbox = None;
+                sandbox.shutdown(std::time::Duration::from_secs(2)).await;
             }
             Err(e)
         }
@@ -124,14 +136,14 @@ pub async fn create(pod: &mut Pod, inner: &Inner, req: &CreateTaskRequest) -> Re
 }
 
 async fn create_in_sandbox(
-    pod: &Pod,
+    sandbox: &Sandbox,
+    sandbox_guest_pid: Option<u32>,
     inner: &Inner,
     req: &CreateTaskRequest,
     bundle: &Bundle,
 ) -> Result<Container> {
-    let sandbox = pod.sandbox()?;
     let agent = sandbox.agent().clone();
-    let share = sandbox.share().map_err(|e| precondition(e.to_string()))?;
+    let share = sandbox.share();
     let mounts: Vec<RootfsMount> = req
         .rootfs
         .iter()
@@ -148,11 +160,6 @@ async fn create_in_sandbox(
 
     // The spec names host paths (bind sources, the pause container's
     // namespaces) that the guest must see under other names.
-    let sandbox_guest_pid = pod
-        .containers
-        .get(sandbox.id())
-        .map(|c| c.init.guest_pid)
-        .filter(|&pid| pid > 0);
     let undo_mount = || remove_share(share, &req.id);
     let guest = match guest_spec::adapt(&bundle.spec_json, &req.id, sandbox_guest_pid) {
         Ok(g) => g,
@@ -195,25 +202,22 @@ async fn create_in_sandbox(
     let mut init = Process::new("", spec, None);
     init.guest_pid = guest_pid;
     init.io = Some(Arc::new(Mutex::new(io)));
-    inner
-        .events
-        .send(TaskCreate {
-            container_id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs: req.rootfs.clone(),
-            io: Some(TaskIO {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-                ..Default::default()
-            })
-            .into(),
-            checkpoint: req.checkpoint.clone(),
-            pid: sandbox.vm_pid(),
+    inner.events.send(TaskCreate {
+        container_id: req.id.clone(),
+        bundle: req.bundle.clone(),
+        rootfs: req.rootfs.clone(),
+        io: Some(TaskIO {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
             ..Default::default()
         })
-        .await;
+        .into(),
+        checkpoint: req.checkpoint.clone(),
+        pid: sandbox.vm_pid(),
+        ..Default::default()
+    });
     Ok(Container {
         id: req.id.clone(),
         bundle: PathBuf::from(&req.bundle),
@@ -224,15 +228,19 @@ async fn create_in_sandbox(
 }
 
 /// Deletes a stopped (or never started) container: in the guest, then its
-/// rootfs mount. Returns its init's exit.
-pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
-    let c = pod.container(id)?;
-    if c.init.running() {
-        return Err(precondition(format!(
-            "container {id} is still running: kill it first"
-        )));
-    }
-    if let Some(sb) = pod.sandbox.as_ref() {
+/// rootfs mount. Returns its init's exit. Runs with the lifecycle lock held.
+pub async fn delete(inner: &Inner, id: &str) -> Result<Exit> {
+    let sandbox = {
+        let pod = inner.pod();
+        let c = pod.container(id)?;
+        if c.init.running() || c.init.starting {
+            return Err(precondition(format!(
+                "container {id} is still running: kill it first"
+            )));
+        }
+        pod.sandbox.clone()
+    };
+    if let Some(sb) = &sandbox {
         if let Err(e) = sb.agent().remove_container(id, true).await {
             // The guest may be gone (VM crash); the host side is still ours
             // to clean.
@@ -241,7 +249,7 @@ pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
             }
         }
     }
-    let Some(c) = pod.containers.remove(id) else {
+    let Some(c) = inner.pod().containers.remove(id) else {
         return Err(internal(format!("container {id} vanished during delete")));
     };
     if let Some(io) = &c.init.io {
@@ -250,11 +258,9 @@ pub async fn delete(pod: &mut Pod, id: &str) -> Result<Exit> {
             io.lock().await.finish(std::time::Duration::ZERO).await;
         }
     }
-    if let Some(sb) = pod.sandbox.as_ref() {
+    if let Some(sb) = &sandbox {
         sb.known_containers().remove(id);
-        if let Ok(share) = sb.share() {
-            remove_share(share, id);
-        }
+        remove_share(sb.share(), id);
     }
     // Never started: containerd still wants an exit.
     c.init.set_exit_if_unset(0);

@@ -5,6 +5,13 @@
 //! Task pids: containerd sees the pod VM's host pid (QEMU) for every task, as
 //! a guest pid means nothing on the host (and may name an unrelated host
 //! process); the guest pids are listed by Pids.
+//!
+//! Locking: the pod's state sits behind a `std::sync::Mutex`, held only for
+//! state checks and transitions, never across an await (the compiler holds us
+//! to that: its guard is not `Send`). A VM boot, an agent call or an event is
+//! never waited for under it, so one slow guest call never stalls State, Kill
+//! or Wait of another container. Creates and deletes, which mount and unmount
+//! in the pod share, are serialized among themselves by a separate async lock.
 
 mod container;
 mod errors;
@@ -31,7 +38,7 @@ use containerd_shim_protos::{
     shim_async::Task,
     types::task::ProcessInfo,
 };
-use tokio::sync::Mutex;
+use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
 
 use self::{
@@ -52,12 +59,21 @@ struct Inner {
     namespace: String,
     events: Events,
     exit: Arc<ExitSignal>,
-    pod: Mutex<Pod>,
+    pod: std::sync::Mutex<Pod>,
+    /// Serializes creates and deletes (VM boot, share mounts).
+    lifecycle: AsyncMutex<()>,
+}
+
+impl Inner {
+    fn pod(&self) -> std::sync::MutexGuard<'_, Pod> {
+        // A panic under the lock left plain data behind: still usable.
+        self.pod.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Default)]
 struct Pod {
-    sandbox: Option<Sandbox>,
+    sandbox: Option<Arc<Sandbox>>,
     containers: HashMap<String, Container>,
 }
 
@@ -74,14 +90,18 @@ impl Pod {
             .ok_or_else(|| not_found(format!("container {id} not found")))
     }
 
-    fn sandbox(&self) -> Result<&Sandbox> {
+    fn sandbox(&self) -> Result<Arc<Sandbox>> {
         self.sandbox
-            .as_ref()
+            .clone()
             .ok_or_else(|| precondition("the pod VM is not running"))
     }
 
+    fn agent(&self) -> Result<crate::agent_client::AgentClient> {
+        Ok(self.sandbox()?.agent().clone())
+    }
+
     fn vm_pid(&self) -> u32 {
-        self.sandbox.as_ref().map(Sandbox::vm_pid).unwrap_or(0)
+        self.sandbox.as_ref().map(|s| s.vm_pid()).unwrap_or(0)
     }
 }
 
@@ -92,7 +112,8 @@ impl TaskService {
                 namespace: namespace.to_string(),
                 events,
                 exit,
-                pod: Mutex::new(Pod::default()),
+                pod: std::sync::Mutex::new(Pod::default()),
+                lifecycle: AsyncMutex::new(()),
             }),
         }
     }
@@ -124,8 +145,8 @@ impl Task for TaskService {
         req: CreateTaskRequest,
     ) -> Result<CreateTaskResponse> {
         info!(id = %req.id, bundle = %req.bundle, "create");
-        let mut pod = self.inner.pod.lock().await;
-        let pid = container::create(&mut pod, &self.inner, &req).await?;
+        let _serial = self.inner.lifecycle.lock().await;
+        let pid = container::create(&self.inner, &req).await?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -134,65 +155,93 @@ impl Task for TaskService {
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> Result<StartResponse> {
         info!(id = %req.id, exec = %req.exec_id, "start");
-        let mut pod = self.inner.pod.lock().await;
-        let vm_pid = pod.vm_pid();
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container_mut(&req.id)?;
+        let events = &self.inner.events;
         if req.exec_id.is_empty() {
-            if c.init.started {
-                return Err(precondition(format!("container {} already started", c.id)));
-            }
-            agent.start_container(&c.id).await.map_err(agent_err)?;
+            let (agent, vm_pid) = {
+                let mut pod = self.inner.pod();
+                let (agent, vm_pid) = (pod.agent()?, pod.vm_pid());
+                let c = pod.container_mut(&req.id)?;
+                if c.init.started || c.init.starting {
+                    return Err(precondition(format!("container {} already started", c.id)));
+                }
+                c.init.starting = true;
+                (agent, vm_pid)
+            };
+            let result = agent.start_container(&req.id).await;
+            let mut pod = self.inner.pod();
+            let c = pod.container_mut(&req.id)?;
+            c.init.starting = false;
+            result.map_err(agent_err)?;
             c.init.started = true;
-            c.init
-                .watch_exit(agent, &c.id, vm_pid, self.inner.events.clone());
-            self.inner
-                .events
-                .send(TaskStart {
-                    container_id: c.id.clone(),
-                    pid: vm_pid,
-                    ..Default::default()
-                })
-                .await;
-        } else {
+            // Queued before the exit watcher exists: TaskStart precedes TaskExit.
+            events.send(TaskStart {
+                container_id: c.id.clone(),
+                pid: vm_pid,
+                ..Default::default()
+            });
+            c.init.watch_exit(agent, &c.id, vm_pid, events.clone());
+            return Ok(StartResponse {
+                pid: vm_pid,
+                ..Default::default()
+            });
+        }
+        let (agent, vm_pid, spec, stdio) = {
+            let mut pod = self.inner.pod();
+            let (agent, vm_pid) = (pod.agent()?, pod.vm_pid());
+            let c = pod.container_mut(&req.id)?;
             if !c.init.running() {
                 return Err(precondition(format!("container {} is not running", c.id)));
             }
-            let cid = c.id.clone();
             let p = c
                 .execs
                 .get_mut(&req.exec_id)
                 .ok_or_else(|| not_found(format!("exec {} not found", req.exec_id)))?;
-            if p.started {
+            if p.started || p.starting {
                 return Err(precondition(format!("exec {} already started", p.exec_id)));
             }
-            let spec = p.exec_spec.clone().unwrap_or_default();
-            p.guest_pid = agent
-                .exec_process(&cid, &p.exec_id, &spec, p.stdio.terminal)
+            p.starting = true;
+            (
+                agent,
+                vm_pid,
+                p.exec_spec.clone().unwrap_or_default(),
+                p.stdio.clone(),
+            )
+        };
+        let started = async {
+            let guest_pid = agent
+                .exec_process(&req.id, &req.exec_id, &spec, stdio.terminal)
                 .await
                 .map_err(agent_err)?;
             let io = crate::io::ProcessIo::start(
                 &agent,
-                &cid,
-                &p.exec_id,
+                &req.id,
+                &req.exec_id,
                 &self.inner.namespace,
-                &p.stdio,
+                &stdio,
             )
             .await
-            .map_err(|e| internal(format!("exec {} stdio: {e}", p.exec_id)))?;
-            p.io = Some(Arc::new(Mutex::new(io)));
-            p.started = true;
-            p.watch_exit(agent, &cid, vm_pid, self.inner.events.clone());
-            self.inner
-                .events
-                .send(TaskExecStarted {
-                    container_id: cid,
-                    exec_id: req.exec_id.clone(),
-                    pid: vm_pid,
-                    ..Default::default()
-                })
-                .await;
+            .map_err(|e| internal(format!("exec {} stdio: {e}", req.exec_id)))?;
+            Ok::<_, ttrpc::Error>((guest_pid, io))
         }
+        .await;
+        let mut pod = self.inner.pod();
+        let c = pod.container_mut(&req.id)?;
+        let p = c
+            .execs
+            .get_mut(&req.exec_id)
+            .ok_or_else(|| not_found(format!("exec {} was deleted while starting", req.exec_id)))?;
+        p.starting = false;
+        let (guest_pid, io) = started?;
+        p.guest_pid = guest_pid;
+        p.io = Some(Arc::new(AsyncMutex::new(io)));
+        p.started = true;
+        events.send(TaskExecStarted {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            pid: vm_pid,
+            ..Default::default()
+        });
+        p.watch_exit(agent, &req.id, vm_pid, events.clone());
         Ok(StartResponse {
             pid: vm_pid,
             ..Default::default()
@@ -201,44 +250,48 @@ impl Task for TaskService {
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> Result<DeleteResponse> {
         info!(id = %req.id, exec = %req.exec_id, "delete");
-        let mut pod = self.inner.pod.lock().await;
-        let vm_pid = pod.vm_pid();
+        let vm_pid = self.inner.pod().vm_pid();
         let exit = if req.exec_id.is_empty() {
-            let exit = container::delete(&mut pod, &req.id).await?;
-            self.inner
-                .events
-                .send(TaskDelete {
-                    container_id: req.id.clone(),
-                    id: req.id.clone(),
-                    pid: vm_pid,
-                    exit_status: exit.code,
-                    exited_at: Some(exit.at.clone()).into(),
-                    ..Default::default()
-                })
-                .await;
+            let _serial = self.inner.lifecycle.lock().await;
+            let exit = container::delete(&self.inner, &req.id).await?;
+            self.inner.events.send(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: vm_pid,
+                exit_status: exit.code,
+                exited_at: Some(exit.at.clone()).into(),
+                ..Default::default()
+            });
             exit
         } else {
-            let agent = pod.sandbox()?.agent().clone();
-            let c = pod.container_mut(&req.id)?;
-            let p = process(c, &req.exec_id)?;
-            if p.running() {
-                return Err(precondition(format!(
-                    "exec {} is still running",
-                    req.exec_id
-                )));
-            }
-            if p.started {
+            let (agent, started) = {
+                let pod = self.inner.pod();
+                let agent = pod.agent()?;
+                let p = process(pod.container(&req.id)?, &req.exec_id)?;
+                if p.running() || p.starting {
+                    return Err(precondition(format!(
+                        "exec {} is still running",
+                        req.exec_id
+                    )));
+                }
+                (agent, p.started)
+            };
+            if started {
                 if let Err(e) = agent.remove_process(&req.id, &req.exec_id).await {
                     warn!(id = %req.id, exec = %req.exec_id, "removing exec: {e}");
                 }
             }
+            let mut pod = self.inner.pod();
+            let c = pod.container_mut(&req.id)?;
+            let p = c
+                .execs
+                .remove(&req.exec_id)
+                .ok_or_else(|| not_found(format!("exec {} not found", req.exec_id)))?;
             p.set_exit_if_unset(0);
-            let exit = p.exit().unwrap_or_else(|| process::Exit {
+            p.exit().unwrap_or_else(|| process::Exit {
                 code: 0,
                 at: crate::events::now(),
-            });
-            c.execs.remove(&req.exec_id);
-            exit
+            })
         };
         Ok(DeleteResponse {
             pid: vm_pid,
@@ -249,17 +302,18 @@ impl Task for TaskService {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> Result<PidsResponse> {
-        let pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container(&req.id)?;
-        let execs: HashMap<u32, String> = c
-            .execs
-            .values()
-            .filter(|p| p.running())
-            .map(|p| (p.guest_pid, p.exec_id.clone()))
-            .collect();
-        let id = c.id.clone();
-        drop(pod);
+        let (agent, execs, id) = {
+            let pod = self.inner.pod();
+            let agent = pod.agent()?;
+            let c = pod.container(&req.id)?;
+            let execs: HashMap<u32, String> = c
+                .execs
+                .values()
+                .filter(|p| p.running())
+                .map(|p| (p.guest_pid, p.exec_id.clone()))
+                .collect();
+            (agent, execs, c.id.clone())
+        };
         let pids = agent.list_processes(&id).await.map_err(agent_err)?;
         let processes = pids
             .into_iter()
@@ -285,40 +339,40 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> Result<Empty> {
-        let mut pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container_mut(&req.id)?;
-        if !c.init.running() {
-            return Err(precondition(format!("container {} is not running", c.id)));
-        }
-        agent.pause_container(&c.id).await.map_err(agent_err)?;
-        c.paused = true;
-        self.inner
-            .events
-            .send(TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            })
-            .await;
+        let agent = {
+            let pod = self.inner.pod();
+            let agent = pod.agent()?;
+            let c = pod.container(&req.id)?;
+            if !c.init.running() {
+                return Err(precondition(format!("container {} is not running", c.id)));
+            }
+            agent
+        };
+        agent.pause_container(&req.id).await.map_err(agent_err)?;
+        self.inner.pod().container_mut(&req.id)?.paused = true;
+        self.inner.events.send(TaskPaused {
+            container_id: req.id,
+            ..Default::default()
+        });
         Ok(Empty::new())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> Result<Empty> {
-        let mut pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container_mut(&req.id)?;
-        if !c.paused {
-            return Err(precondition(format!("container {} is not paused", c.id)));
-        }
-        agent.resume_container(&c.id).await.map_err(agent_err)?;
-        c.paused = false;
-        self.inner
-            .events
-            .send(TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            })
-            .await;
+        let agent = {
+            let pod = self.inner.pod();
+            let agent = pod.agent()?;
+            let c = pod.container(&req.id)?;
+            if !c.paused {
+                return Err(precondition(format!("container {} is not paused", c.id)));
+            }
+            agent
+        };
+        agent.resume_container(&req.id).await.map_err(agent_err)?;
+        self.inner.pod().container_mut(&req.id)?.paused = false;
+        self.inner.events.send(TaskResumed {
+            container_id: req.id,
+            ..Default::default()
+        });
         Ok(Empty::new())
     }
 
@@ -334,17 +388,18 @@ impl Task for TaskService {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> Result<Empty> {
         info!(id = %req.id, exec = %req.exec_id, signal = req.signal, all = req.all, "kill");
-        let pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container(&req.id)?;
-        let p = process(c, &req.exec_id)?;
-        if p.exited() {
-            return Err(not_found("process already finished"));
-        }
-        if !req.exec_id.is_empty() && !p.started {
-            return Err(not_found(format!("exec {} has not started", req.exec_id)));
-        }
-        drop(pod);
+        let agent = {
+            let pod = self.inner.pod();
+            let agent = pod.agent()?;
+            let p = process(pod.container(&req.id)?, &req.exec_id)?;
+            if p.exited() {
+                return Err(not_found("process already finished"));
+            }
+            if !req.exec_id.is_empty() && !p.started {
+                return Err(not_found(format!("exec {} has not started", req.exec_id)));
+            }
+            agent
+        };
         agent
             .signal_process(&req.id, &req.exec_id, req.signal, req.all)
             .await
@@ -355,7 +410,7 @@ impl Task for TaskService {
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> Result<Empty> {
         info!(id = %req.id, exec = %req.exec_id, "exec");
         crate::ids::check("exec", &req.exec_id).map_err(invalid)?;
-        let mut pod = self.inner.pod.lock().await;
+        let mut pod = self.inner.pod();
         let c = pod.container_mut(&req.id)?;
         if !c.init.running() {
             return Err(precondition(format!("container {} is not running", c.id)));
@@ -385,23 +440,21 @@ impl Task for TaskService {
             Some(spec),
         );
         c.execs.insert(req.exec_id.clone(), p);
-        self.inner
-            .events
-            .send(TaskExecAdded {
-                container_id: req.id,
-                exec_id: req.exec_id,
-                ..Default::default()
-            })
-            .await;
+        drop(pod);
+        self.inner.events.send(TaskExecAdded {
+            container_id: req.id,
+            exec_id: req.exec_id,
+            ..Default::default()
+        });
         Ok(Empty::new())
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> Result<Empty> {
-        let pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        let c = pod.container(&req.id)?;
-        process(c, &req.exec_id)?;
-        drop(pod);
+        let agent = {
+            let pod = self.inner.pod();
+            process(pod.container(&req.id)?, &req.exec_id)?;
+            pod.agent()?
+        };
         agent
             .tty_resize(&req.id, &req.exec_id, req.height, req.width)
             .await
@@ -413,10 +466,10 @@ impl Task for TaskService {
         if !req.stdin {
             return Ok(Empty::new());
         }
-        let pod = self.inner.pod.lock().await;
-        let c = pod.container(&req.id)?;
-        let io = process(c, &req.exec_id)?.io.clone();
-        drop(pod);
+        let io = {
+            let pod = self.inner.pod();
+            process(pod.container(&req.id)?, &req.exec_id)?.io.clone()
+        };
         if let Some(io) = io {
             io.lock().await.close_stdin().await;
         }
@@ -424,10 +477,11 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> Result<Empty> {
-        let pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        pod.container(&req.id)?;
-        drop(pod);
+        let agent = {
+            let pod = self.inner.pod();
+            pod.container(&req.id)?;
+            pod.agent()?
+        };
         let resources = req
             .resources
             .as_ref()
@@ -444,7 +498,7 @@ impl Task for TaskService {
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> Result<WaitResponse> {
         let mut rx = {
-            let pod = self.inner.pod.lock().await;
+            let pod = self.inner.pod();
             let c = pod.container(&req.id)?;
             process(c, &req.exec_id)?.subscribe()
         };
@@ -462,10 +516,11 @@ impl Task for TaskService {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> Result<StatsResponse> {
-        let pod = self.inner.pod.lock().await;
-        let agent = pod.sandbox()?.agent().clone();
-        pod.container(&req.id)?;
-        drop(pod);
+        let agent = {
+            let pod = self.inner.pod();
+            pod.container(&req.id)?;
+            pod.agent()?
+        };
         let s = agent.stats(&req.id).await.map_err(agent_err)?;
         let any = stats::to_any(&stats::to_metrics(&s))
             .map_err(|e| internal(format!("encoding metrics: {e}")))?;
@@ -476,7 +531,7 @@ impl Task for TaskService {
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> Result<StateResponse> {
-        let pod = self.inner.pod.lock().await;
+        let pod = self.inner.pod();
         let vm_pid = pod.vm_pid();
         let c = pod.container(&req.id)?;
         let p = process(c, &req.exec_id)?;
@@ -504,7 +559,7 @@ impl Task for TaskService {
     }
 
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> Result<ConnectResponse> {
-        let pod = self.inner.pod.lock().await;
+        let pod = self.inner.pod();
         pod.container(&req.id)?;
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
@@ -515,13 +570,15 @@ impl Task for TaskService {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> Result<Empty> {
-        let mut pod = self.inner.pod.lock().await;
-        if !pod.containers.is_empty() {
-            // Other containers of the pod still run in this shim.
-            return Ok(Empty::new());
-        }
+        let sandbox = {
+            let mut pod = self.inner.pod();
+            if !pod.containers.is_empty() {
+                // Other containers of the pod still run in this shim.
+                return Ok(Empty::new());
+            }
+            pod.sandbox.take()
+        };
         info!(id = %req.id, "shutting down: no containers left");
-        let sandbox = pod.sandbox.take();
         let exit = self.inner.exit.clone();
         // Answer first; the shim exits once the VM is down.
         tokio::spawn(async move {

@@ -33,6 +33,8 @@ pub struct Process {
     /// Pid inside the guest, once the agent created or started it.
     pub guest_pid: u32,
     pub started: bool,
+    /// A start is under way (the agent call in flight): a second is refused.
+    pub starting: bool,
     pub io: Option<Arc<Mutex<ProcessIo>>>,
     exit_tx: watch::Sender<Option<Exit>>,
 }
@@ -45,6 +47,7 @@ impl Process {
             exec_spec,
             guest_pid: 0,
             started: false,
+            starting: false,
             io: None,
             exit_tx: watch::channel(None).0,
         }
@@ -113,16 +116,14 @@ impl Process {
                 code,
                 at: at.clone(),
             }));
-            events
-                .send(TaskExit {
-                    container_id: cid.clone(),
-                    id: if exec.is_empty() { cid } else { exec },
-                    pid: host_pid,
-                    exit_status: code,
-                    exited_at: Some(at).into(),
-                    ..Default::default()
-                })
-                .await;
+            events.send(TaskExit {
+                container_id: cid.clone(),
+                id: if exec.is_empty() { cid } else { exec },
+                pid: host_pid,
+                exit_status: code,
+                exited_at: Some(at).into(),
+                ..Default::default()
+            });
         });
     }
 }

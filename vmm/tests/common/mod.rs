@@ -20,7 +20,7 @@ pub fn kvm_available() -> Result<(), String> {
 macro_rules! require_kvm {
     ($name:expr) => {
         if let Err(reason) = common::kvm_available() {
-            println!("SKIPPED {}: {}", $name, reason);
+            husk_skip::missing($name, &reason);
             return;
         }
     };

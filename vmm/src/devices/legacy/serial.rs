@@ -98,4 +98,49 @@ mod tests {
         serial.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
     }
+
+    /// A guest that writes its console without end, into the capped log husk-vmm run uses:
+    /// the file never passes the cap, and it ends with the newest output.
+    #[test]
+    fn a_flooded_console_log_stays_under_its_cap() {
+        const CAP: u64 = 64 << 10;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("open");
+        let log = husk_bounds::BoundedLog::from_file(file, CAP).expect("log");
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut serial = Serial::new(irq, Box::new(log));
+        let line = b"[ 1234.567890] a guest console that never stops talking .........\n";
+        let mut fed = 0u64;
+        let mut peak = 0u64;
+        while fed < 6 << 20 {
+            for b in line {
+                serial.write(0, &[*b]);
+            }
+            fed += line.len() as u64;
+            if fed % (256 << 10) < line.len() as u64 {
+                peak = peak.max(std::fs::metadata(&path).expect("stat").len());
+            }
+        }
+        for b in b"THE END\n" {
+            serial.write(0, &[*b]);
+        }
+        let data = std::fs::read(&path).expect("read");
+        assert!(
+            peak <= CAP && data.len() as u64 <= CAP,
+            "peak {peak}, now {}",
+            data.len()
+        );
+        assert!(
+            data.starts_with(b"[log reached its cap of 65536 bytes"),
+            "{:?}",
+            String::from_utf8_lossy(&data[..80])
+        );
+        assert!(data.ends_with(b"THE END\n"));
+        assert!(!serial.write_failed);
+    }
 }

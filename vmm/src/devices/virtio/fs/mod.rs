@@ -33,8 +33,9 @@
 //! - Request sizes are capped (see [`request`]), every length in a request is checked against
 //!   the buffers that carry it, descriptor addresses are checked against guest memory, and a
 //!   malformed request gets an error reply or is dropped; it never stops the device.
-//! - Open inodes and handles each hold one host fd, so the process's `RLIMIT_NOFILE` bounds
-//!   them ([`limit_open_files`]); past it the guest gets `EMFILE`.
+//! - Open inodes and handles each hold one host fd until the guest forgets or releases them,
+//!   so the process's `RLIMIT_NOFILE` bounds them ([`crate::limits::limit_open_files`],
+//!   `--max-open-files`); past it the guest gets `EMFILE`.
 //! - Disk space is not bounded here: put the shared directory on a file system with a quota
 //!   if a pod must not fill the host's disk.
 //!
@@ -101,8 +102,6 @@ pub enum FsError {
     Passthrough(#[source] io::Error),
     #[error("virtqueue error: {0}")]
     Queue(#[from] virtio_queue::Error),
-    #[error("cannot set RLIMIT_NOFILE: {0}")]
-    OpenFileLimit(#[source] io::Error),
 }
 
 /// How much the guest may cache (FUSE's cache policy and attribute/entry timeouts).
@@ -199,29 +198,4 @@ pub fn validate_tag(tag: &str) -> Result<(), FsError> {
         return Err(FsError::BadTag(tag.to_string()));
     }
     Ok(())
-}
-
-/// Bounds the fds this process may hold, and with them the inodes and open files a guest can
-/// make the passthrough file system keep: each holds one fd. Sets both the soft and the hard
-/// limit to `max` (or to the current hard limit if that is lower: raising it needs
-/// `CAP_SYS_RESOURCE`), so nothing later in the process can lift it. Returns the limit set.
-pub fn limit_open_files(max: u64) -> Result<u64, FsError> {
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit struct that we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        return Err(FsError::OpenFileLimit(io::Error::last_os_error()));
-    }
-    let limit = max.min(cur.rlim_max);
-    let new = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: setrlimit reads one rlimit struct that we own.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-        return Err(FsError::OpenFileLimit(io::Error::last_os_error()));
-    }
-    Ok(limit)
 }

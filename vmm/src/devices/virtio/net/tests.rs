@@ -498,18 +498,18 @@ const ETH_P_ALL: u16 = 0x0003;
 fn in_netns_with_tap(test: &str, f: impl FnOnce(&str, OwnedFd) + Send + 'static) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED {test}: needs root (network namespaces and taps)");
+        husk_skip::missing(test, "needs root (network namespaces and taps)");
         return;
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIPPED {test}: no /dev/net/tun");
+        husk_skip::missing(test, "no /dev/net/tun");
         return;
     }
     let test = test.to_string();
     std::thread::spawn(move || {
         // Only this thread moves: the namespace dies with it and its fds.
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            println!("SKIPPED {test}: unshare(CLONE_NEWNET): {e}");
+            husk_skip::missing(&test, &format!("unshare(CLONE_NEWNET): {e}"));
             return;
         }
         let name = "htap0";
