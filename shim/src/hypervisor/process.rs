@@ -3,8 +3,7 @@
 //! last-resort reap, socket readiness, log tails for error messages.
 
 use std::{
-    fs,
-    io::{self, Read, Seek, SeekFrom},
+    fs, io,
     path::Path,
     time::{Duration, Instant},
 };
@@ -91,15 +90,10 @@ pub(super) fn unix_socket_listening(path: &Path) -> bool {
 
 /// The last few KiB of a log file, for error messages.
 pub(super) fn tail(path: &Path) -> String {
-    let read = || -> io::Result<String> {
-        let mut f = fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    };
-    read().unwrap_or_else(|e| format!("<{} unreadable: {e}>", path.display()))
+    match husk_bounds::read_tail(path, LOG_TAIL_BYTES) {
+        Ok(buf) => String::from_utf8_lossy(&buf).into_owned(),
+        Err(e) => format!("<{} unreadable: {e}>", path.display()),
+    }
 }
 
 #[cfg(test)]
