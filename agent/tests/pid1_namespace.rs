@@ -11,6 +11,8 @@
 //! not change. The VM end-to-end tests cover those two.
 //!
 //! Needs root: without it the test says SKIPPED and why.
+//!
+//! Test code: an unwrap is the assertion that the step worked.
 
 use std::{
     fs,

@@ -61,6 +61,7 @@ impl RateLimit {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use std::time::Duration;
 
     use super::*;

@@ -143,6 +143,7 @@ pub fn sandbox_id_of(bundle: &Path, container_id: &str) -> Result<SandboxId, Bad
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     fn spec(extra: &str) -> Vec<u8> {

@@ -389,6 +389,7 @@ fn search_path(name: &str) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

@@ -164,6 +164,7 @@ fn adapt_mount(index: usize, m: &mut Value, id: &str) -> Result<Option<HostBind>
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     fn spec(mounts: Value, namespaces: Value) -> Vec<u8> {

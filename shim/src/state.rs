@@ -189,6 +189,7 @@ fn kill_and_wait(p: &ProcessRef) {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

@@ -7,6 +7,8 @@
 //! directory, no host file outside it touched, the next container and a
 //! second pod start, the logs stay under their cap, and after delete nothing
 //! of the pod is left.
+//!
+//! Test code: an unwrap is the assertion that the step worked.
 
 use std::{
     path::{Path, PathBuf},

@@ -2,6 +2,8 @@
 //! State of another (nor anything else the shim answers itself), and a
 //! process's TaskStart/TaskExecStarted always reaches containerd before its
 //! TaskExit.
+//!
+//! Test code: an unwrap is the assertion that the step worked.
 
 use std::{
     io::{BufRead, BufReader},

@@ -116,6 +116,7 @@ impl<L: log::Log> log::Log for RateLimitedLog<L> {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use std::sync::Arc;
     use std::time::Duration;
 

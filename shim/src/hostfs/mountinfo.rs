@@ -117,6 +117,7 @@ pub fn current_mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use std::os::unix::ffi::OsStrExt;
 
     use super::*;

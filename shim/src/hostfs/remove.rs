@@ -195,6 +195,7 @@ fn empty_dir(dir: &OwnedFd, path: &Path, mnt_id: u64, left: &mut Leftovers) -> b
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use std::fs;
 
     use super::*;

@@ -126,6 +126,7 @@ pub fn component(name: &str) -> io::Result<&OsStr> {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use std::fs;
 
     use super::*;

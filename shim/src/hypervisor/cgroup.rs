@@ -225,6 +225,7 @@ fn roots_from_mountinfo(entries: &[crate::hostfs::mountinfo::MountEntry]) -> Vec
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

@@ -95,6 +95,7 @@ pub fn serve(
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use tokio::{io::AsyncWriteExt, net::UnixStream};
 
     use super::*;

@@ -753,6 +753,7 @@ fn remove_state_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

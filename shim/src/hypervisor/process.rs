@@ -98,6 +98,7 @@ pub(super) fn tail(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

@@ -146,6 +146,7 @@ fn parse_options(options: &[String]) -> (MsFlags, String) {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     #[test]

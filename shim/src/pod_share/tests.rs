@@ -1,4 +1,5 @@
 //! The pod share against a hostile guest's moves, on real mounts (root only).
+//! Test code: an unwrap is the assertion that the step worked.
 
 use std::{
     fs,

@@ -59,6 +59,7 @@ fn record(test: &str, why: &str) {
 
 #[cfg(test)]
 mod tests {
+    // Test code: an unwrap is the assertion that the step worked.
     use super::*;
 
     // One test: the environment is process-wide.
