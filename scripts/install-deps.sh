@@ -23,8 +23,26 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# containerd 2.3 (what current Kubernetes needs) beside Debian's 1.6: the
+# containerd tests run on both. Its binaries come from the project's shared
+# tools (checksummed), into $CONTAINERD_2_3_PREFIX.
+install_containerd_2_3() {
+  local tools=${CONTAINERD_2_3_TOOLS:-../shared/tools/containerd-2.3}
+  local prefix=${CONTAINERD_2_3_PREFIX:-/opt/containerd-2.3}
+  if [ -x "$prefix/bin/containerd" ]; then
+    return 0
+  fi
+  if [ ! -x "$tools/install.sh" ]; then
+    echo "install-deps: $tools/install.sh not found: containerd 2.3 not installed (its tests will skip, or fail under CI)" >&2
+    return 0
+  fi
+  echo "install-deps: containerd 2.3 into $prefix"
+  "$tools/install.sh" "$prefix"
+}
+
 if ((${#missing[@]} == 0)); then
   echo "install-deps: all packages present"
+  install_containerd_2_3
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -34,3 +52,4 @@ fi
 echo "install-deps: installing ${missing[*]}"
 apt-get update -q
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+install_containerd_2_3

@@ -137,26 +137,15 @@ impl RouteSpec {
 
 /// Parses "aa:bb:cc:dd:ee:ff" (either case).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
-    let bad = || NetError::Invalid(format!("{s:?} is not a MAC address"));
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next().ok_or_else(bad)?;
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    Ok(mac)
+    s.parse::<macaddr::MacAddr6>()
+        .map(macaddr::MacAddr6::into_array)
+        .map_err(|_| NetError::Invalid(format!("{s:?} is not a MAC address")))
 }
 
 /// The interface under `sys_class_net` (normally /sys/class/net) whose
 /// `address` is `mac`.
 pub fn find_by_mac(sys_class_net: &Path, mac: [u8; 6]) -> Result<String, NetError> {
-    let text = format_mac(mac);
+    let text = macaddr::MacAddr6::from(mac).to_string();
     let entries =
         fs::read_dir(sys_class_net).map_err(sys(format!("listing {}", sys_class_net.display())))?;
     for e in entries.flatten() {
@@ -168,13 +157,6 @@ pub fn find_by_mac(sys_class_net: &Path, mac: [u8; 6]) -> Result<String, NetErro
         }
     }
     Err(NetError::NotFound(text))
-}
-
-fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 /// The IPv4 netmask of a prefix length.

@@ -11,9 +11,9 @@ use nix::sys::reboot::{reboot, RebootMode};
 
 /// Syncs filesystems and ends the VM. Never returns.
 ///
-/// The guest boots with `reboot=t` (reboot by triple fault) and the VMM runs
-/// it with "exit on reboot" (QEMU `-no-reboot`; husk-vmm treats a triple
-/// fault as exit), so a *reboot* is what ends the VM: it needs no ACPI or
+/// The guest boots with `reboot=k` (husk-vmm: the i8042 reset, its power-off)
+/// or `reboot=t` (QEMU: a triple fault, with `-no-reboot`), and the VMM exits
+/// on that reboot, so a *reboot* is what ends the VM: it needs no ACPI or
 /// other power-off hardware in the lean guest kernel. A real power-off is
 /// the fallback for VMMs that do emulate it.
 pub fn power_off() -> ! {

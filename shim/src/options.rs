@@ -1,13 +1,17 @@
 //! containerd's runtime options for non-runc runtimes: `runtimeoptions.v1.Options`
 //! (`type_url = 1`, `config_path = 2`), what CRI builds from a runtime's
 //! `ConfigPath` option and `ctr run --runtime-config-path` sends. The protos
-//! crate does not ship this message, and it is two strings: decoded by hand.
+//! crate does not ship this message; protobuf reads it as the unknown fields
+//! of an empty message, so no wire format is decoded here.
 
 use std::path::PathBuf;
 
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::{Message, UnknownValueRef};
 
 const RUNTIME_OPTIONS: &str = "runtimeoptions.v1.Options";
+const CONFIG_PATH_FIELD: u32 = 2;
 
 /// The `ConfigPath` in the options, if they are runtimeoptions and name one.
 pub fn config_path(options: Option<&Any>) -> Option<PathBuf> {
@@ -15,47 +19,17 @@ pub fn config_path(options: Option<&Any>) -> Option<PathBuf> {
     if !any.type_url.ends_with(RUNTIME_OPTIONS) {
         return None;
     }
-    let path = string_field(&any.value, 2)?;
+    let fields = Empty::parse_from_bytes(&any.value).ok()?;
+    // The last occurrence wins, as protobuf's own decoding of the field would have it.
+    let Some(UnknownValueRef::LengthDelimited(bytes)) = fields
+        .special_fields
+        .unknown_fields()
+        .get(CONFIG_PATH_FIELD)
+    else {
+        return None;
+    };
+    let path = std::str::from_utf8(bytes).ok()?;
     (!path.is_empty()).then(|| PathBuf::from(path))
-}
-
-/// The last occurrence of length-delimited field `field` as UTF-8.
-fn string_field(mut buf: &[u8], field: u64) -> Option<String> {
-    let mut found = None;
-    while !buf.is_empty() {
-        let key = varint(&mut buf)?;
-        let (num, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                varint(&mut buf)?;
-            }
-            1 => buf = buf.get(8..)?,
-            5 => buf = buf.get(4..)?,
-            2 => {
-                let len = usize::try_from(varint(&mut buf)?).ok()?;
-                let bytes = buf.get(..len)?;
-                if num == field {
-                    found = Some(String::from_utf8(bytes.to_vec()).ok()?);
-                }
-                buf = &buf[len..];
-            }
-            _ => return None,
-        }
-    }
-    found
-}
-
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&b, rest) = buf.split_first()?;
-        *buf = rest;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -96,5 +70,11 @@ mod tests {
         };
         assert_eq!(config_path(Some(&broken)), None);
         assert_eq!(config_path(None), None);
+        let twice = Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value: encode(&[(2, "/a"), (2, "/b")]),
+            ..Default::default()
+        };
+        assert_eq!(config_path(Some(&twice)), Some(PathBuf::from("/b")));
     }
 }

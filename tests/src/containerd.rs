@@ -1,6 +1,11 @@
 //! A private containerd for tests: its own root, state, socket and config,
 //! started by the test and stopped when dropped, so tests never touch a
 //! system containerd.
+//!
+//! Which containerd: the one on PATH (Debian's 1.6), or the one whose binaries
+//! (`containerd`, `ctr`, `containerd-shim-runc-v2`) are in `$HUSK_CONTAINERD_DIR`
+//! (`make test` runs the containerd tests again with containerd 2.3 there). Both
+//! read the version 2 config written here; 2.x migrates it to its own.
 
 use std::{
     fs,
@@ -39,9 +44,8 @@ impl Containerd {
     }
 
     fn launch(extra_config: &str, env: &[(&str, &str)], cri: bool) -> Result<Self> {
-        if which("containerd").is_none() || which("ctr").is_none() {
-            bail!("containerd and ctr are not installed (make setup installs Debian's containerd)");
-        }
+        let containerd = binary("containerd")?;
+        binary("ctr")?;
         let dir = tempfile::Builder::new()
             .prefix("husk-containerd-")
             .tempdir_in("/var/tmp")?;
@@ -65,8 +69,24 @@ impl Containerd {
             ),
         )?;
         let log = fs::File::create(dir.path().join("containerd.log"))?;
-        let child = Command::new("containerd")
-            .envs(env.iter().copied())
+        // The chosen containerd's own runc shim goes first on its PATH (after the
+        // caller's additions: a PATH in `env` is extended, not replaced).
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some(dir) = chosen_dir() {
+            let path = match env.iter_mut().find(|(k, _)| k == "PATH") {
+                Some((_, v)) => v,
+                None => {
+                    env.push(("PATH".into(), std::env::var("PATH").unwrap_or_default()));
+                    &mut env.last_mut().expect("just pushed").1
+                }
+            };
+            *path = format!("{}:{path}", dir.display());
+        }
+        let child = Command::new(&containerd)
+            .envs(env)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -111,7 +131,7 @@ impl Containerd {
 
     /// A `ctr` command in `namespace` (CRI's is `k8s.io`).
     pub fn ctr_command_in(&self, namespace: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(binary("ctr").unwrap_or_else(|_| PathBuf::from("ctr")));
         cmd.arg("--address")
             .arg(&self.socket)
             .arg("--namespace")
@@ -183,6 +203,48 @@ impl Drop for Containerd {
                 let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+    }
+}
+
+/// `$HUSK_CONTAINERD_DIR`, when set: the containerd under test is that one.
+pub fn chosen_dir() -> Option<PathBuf> {
+    std::env::var_os("HUSK_CONTAINERD_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// The version the chosen `containerd` reports ("v2.3.4", "1.6.20~ds1").
+pub fn version() -> Result<String> {
+    let out = Command::new(binary("containerd")?)
+        .arg("--version")
+        .output()
+        .context("running containerd --version")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "containerd github.com/containerd/containerd/v2 v2.3.4 <commit>"
+    text.split_whitespace()
+        .nth(2)
+        .map(str::to_string)
+        .with_context(|| format!("containerd --version said {text:?}"))
+}
+
+/// Where the chosen containerd's `name` binary is.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    match chosen_dir() {
+        Some(dir) => {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!(
+                    "{} missing: HUSK_CONTAINERD_DIR names a containerd without {name} \
+                     (../shared/tools/containerd-2.3/install.sh puts containerd 2.3 there)",
+                    p.display()
+                )
+            }
+        }
+        None => which(name).with_context(|| {
+            format!("{name} is not installed (make setup installs Debian's containerd)")
+        }),
     }
 }
 

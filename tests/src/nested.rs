@@ -49,14 +49,19 @@ pub fn run_on_husk_vmm(name: &str, tests: &[&str], deadline: Duration) -> Result
         test_env: &env,
         test_args: &[],
     };
-    let result = run_tests(&host, &payload, work.path(), &tests, deadline, RETRIES);
+    let result = run_tests(
+        name,
+        &host,
+        &payload,
+        work.path(),
+        &tests,
+        deadline,
+        RETRIES,
+    );
     let run = match result {
         Ok(run) => run,
         Err(e) => bail!("{e}"),
     };
-    for why in &run.retries {
-        eprintln!("{name}: RETRIED: {why}");
-    }
     if let Some(last) = run.attempts.first() {
         for line in last.lines_starting_with(&["test ", "husk-nested:", "husk-vmm ", "hypervisor:"])
         {

@@ -90,7 +90,7 @@ impl Netns {
     /// returned fd is closed.
     pub fn tap(&self, name: &str) -> Result<OwnedFd> {
         let name = name.to_string();
-        self.run(move || husk_shim::network::open_tap(&name))?
+        self.run(move || husk_netdev::open_tap(&name))?
             .context("creating the tap")
     }
 }

@@ -233,6 +233,24 @@ async fn cgroup_limits_stats_updates_and_freezing() {
     assert!(stats.memory.oom_kill_count >= 1, "{stats:?}");
     pod.agent.remove_container("oom", false).await.unwrap();
 
+    // Its limits where workloads look for them (its own cgroup namespace, even when the
+    // spec asks for none), and the pod's network sysctls applied in the guest's namespace.
+    let mut spec = sh("cat /sys/fs/cgroup/memory.max /proc/sys/net/ipv4/ping_group_range");
+    spec["linux"]["resources"]["memory"] = json!({ "limit": 48 * 1024 * 1024 });
+    spec["linux"]["sysctl"] = json!({ "net.ipv4.ping_group_range": "0 2147483647" });
+    spec["linux"]["namespaces"] =
+        json!([{ "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" }]);
+    pod.create("limits", &spec, false).await.unwrap();
+    pod.agent.start_container("limits").await.unwrap();
+    let out = pod.collect("limits", "").await;
+    assert_eq!(
+        out.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["50331648", "0", "2147483647"],
+        "stderr: {}",
+        out.stderr
+    );
+    pod.agent.remove_container("limits", false).await.unwrap();
+
     // A ticking container: stats, process list, update, pause and resume.
     pod.create(
         "tick",

@@ -12,9 +12,10 @@ use husk_vmm::builder::{
 use husk_vmm::devices::virtio::fs::FsConfig;
 use husk_vmm::jail::JailConfig;
 
-/// The command line husk's guest needs: the console on COM1, reboot by triple fault (how the
-/// VMM learns the guest is done: there is no ACPI), and reboot right away on panic.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1";
+/// The command line husk's guest needs: the console on COM1, reboot through the i8042 (how
+/// the VMM learns the guest is done: there is no ACPI; reported apart from a triple fault,
+/// which is a crash), and reboot right away on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io::{self, ErrorKind};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -82,6 +83,46 @@ fn bound_path(line: &str) -> Option<&str> {
         rest = rest[end..].trim_start();
     }
     (!rest.is_empty()).then_some(rest)
+}
+
+/// One fd held back so a listener at the process's fd limit can still take a pending
+/// connection off its queue. A level-triggered listener whose accept fails with EMFILE stays
+/// readable, and the event loop would wake on it forever at full CPU: with the spare given
+/// up for a moment, the connection is accepted and closed at once (the client sees it
+/// refused) and the spare taken back, so the listener quiets down until fds come back.
+pub struct AcceptReserve {
+    spare: Option<OwnedFd>,
+}
+
+impl AcceptReserve {
+    /// Holds a duplicate of `fd` (any fd will do; a dup needs no path, so this works in
+    /// the jail too).
+    pub fn new(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        Ok(AcceptReserve {
+            spare: Some(fd.try_clone_to_owned()?),
+        })
+    }
+
+    /// Whether `e` (from accept) is the fd limit, which [`AcceptReserve::shed`] handles.
+    pub fn is_fd_limit(e: &io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+    }
+
+    /// Accepts one pending connection on `listener` and closes it, using the spare fd.
+    /// True when one was shed; false when nothing was pending or there is no spare (another
+    /// thread took the freed slot; the spare is taken again once fds come back).
+    pub fn shed(&mut self, listener: &UnixListener) -> bool {
+        if self.spare.is_none() {
+            self.spare = listener.as_fd().try_clone_to_owned().ok();
+        }
+        if self.spare.take().is_none() {
+            return false;
+        }
+        // The freed slot is the lowest free fd: accept takes it, and the stream closes here.
+        let shed = listener.accept().is_ok();
+        self.spare = listener.as_fd().try_clone_to_owned().ok();
+        shed
+    }
 }
 
 #[cfg(test)]

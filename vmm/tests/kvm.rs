@@ -55,7 +55,7 @@ fn long_mode_program_writes_serial_and_resets() {
         .build();
     let mut vmm = Vmm::build(config(code, dir.path())).expect("build");
     let exit = run_with_deadline(&mut vmm, 30);
-    assert_eq!(exit, VmExit::Reset("i8042 reset".into()));
+    assert_eq!(exit, VmExit::PowerOff("i8042 reset".into()));
     let log = std::fs::read_to_string(dir.path().join("console.log")).expect("log");
     assert_eq!(log, "hello from long mode\n");
 }
@@ -86,7 +86,7 @@ fn several_vcpus_boot_processor_runs() {
         .expect("read");
     assert_eq!(&sig, b"_MP_");
     let exit = run_with_deadline(&mut vmm, 30);
-    assert_eq!(exit, VmExit::Reset("i8042 reset".into()));
+    assert_eq!(exit, VmExit::PowerOff("i8042 reset".into()));
     let log = std::fs::read_to_string(dir.path().join("console.log")).expect("log");
     assert_eq!(log, "bsp\n");
 }
@@ -145,7 +145,7 @@ fn guest_drives_virtio_mmio_rng_queue() {
         .expect("avail idx");
 
     let exit = run_with_deadline(&mut vmm, 60);
-    assert_eq!(exit, VmExit::Reset("i8042 reset".into()));
+    assert_eq!(exit, VmExit::PowerOff("i8042 reset".into()));
     let log = std::fs::read(dir.path().join("console.log")).expect("log");
     assert_eq!(
         log, b"\x0b1\n",
@@ -474,6 +474,103 @@ fn binary_run_caps_its_open_files() {
         &api,
     );
     assert_eq!(got, ["99", "99"]);
+}
+
+/// CPU time (user + system, in clock ticks) a process has used: fields 14 and 15 of
+/// /proc/<pid>/stat, counted after the command name (which may hold spaces).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .expect("stat has the command in parentheses");
+    let fields: Vec<u64> = String::from_utf8_lossy(&stat[after + 2..])
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    fields[11] + fields[12]
+}
+
+/// Host clients that pile up past husk-vmm's fd limit (a guest's vsock connections and
+/// file-server inodes can use the fds up; here the clients do) must not make a listener spin:
+/// accept fails with EMFILE on a level-triggered fd that stays readable. The pending clients
+/// are shed (accepted and closed) and husk-vmm sits idle; the API still answers once fds
+/// come back.
+#[test]
+fn binary_at_its_fd_limit_sheds_clients_and_stays_idle() {
+    require_kvm!("binary_at_its_fd_limit_sheds_clients_and_stays_idle");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let code = Asm::new().serial_write(b"idle\n").halt_forever().build();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, elf_for(&code, 0x20_0000)).expect("write kernel");
+    let api = dir.path().join("api.sock");
+    let uds = dir.path().join("vsock.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64", "--max-open-files", "48"])
+        .arg("--api-sock")
+        .arg(&api)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn husk-vmm");
+    for _ in 0..2000 {
+        if api.exists() && uds.exists() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // More clients than fds, fewer than a listen backlog holds (a full backlog would block
+    // connect). Handshakes that never send CONNECT hold an fd each until they time out.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(UnixStream::connect(&uds).expect("connect to the vsock socket"));
+    }
+    for _ in 0..30 {
+        clients.push(UnixStream::connect(&api).expect("connect to the API socket"));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let pid = child.id();
+    let (t0, c0) = (std::time::Instant::now(), cpu_ticks(pid));
+    thread::sleep(Duration::from_secs(2));
+    let (secs, used) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid) - c0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = used as f64 / hz / secs;
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "husk-vmm exited at its fd limit"
+    );
+    drop(clients);
+    thread::sleep(Duration::from_millis(200));
+    let mut api_conn = UnixStream::connect(&api).expect("API after the clients left");
+    api_conn
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    api_conn
+        .write_all(b"{\"action\":\"state\"}\n")
+        .expect("write");
+    let mut answer = String::new();
+    let _ = BufReader::new(&api_conn).read_line(&mut answer);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "husk-vmm used {:.1}% of a CPU for {secs:.1} s at its fd limit",
+        share * 100.0
+    );
+    assert!(
+        share < 0.2,
+        "husk-vmm spun at its fd limit: {:.0}% of a CPU",
+        share * 100.0
+    );
+    assert!(
+        !answer.is_empty(),
+        "the API did not answer once fds came back"
+    );
 }
 
 /// A guest that makes husk-vmm log the same complaint thousands of times, under seccomp: its

@@ -19,6 +19,7 @@ pub mod helper;
 pub mod sandbox;
 pub mod spec;
 pub mod stdio;
+pub mod sysctl;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -313,7 +314,7 @@ impl Runtime {
         let spec = spec::parse_spec(spec_json)?;
         let share = self.share();
         let rootfs = spec::resolve_rootfs(rootfs, id, share.as_deref())?;
-        let spec = spec::prepare_spec(
+        let mut spec = spec::prepare_spec(
             spec,
             &spec::SpecContext {
                 id,
@@ -322,6 +323,13 @@ impl Runtime {
                 share: share.as_deref(),
             },
         )?;
+        let net_sysctls = spec
+            .linux_mut()
+            .as_mut()
+            .and_then(|l| l.sysctl_mut().as_mut())
+            .map(sysctl::take_network)
+            .unwrap_or_default();
+        sysctl::apply(Path::new("/proc/sys"), &net_sysctls)?;
         let cgroups_path = spec::cgroups_path(id);
 
         let bundle = self.cfg.bundles().join(id);

@@ -12,8 +12,11 @@
 //! - `root.path`: the rootfs as the guest sees it (on the virtio-fs share).
 //! - `linux.cgroupsPath`: `/husk/<id>`, so stats, freezer and OOM watching
 //!   know where to look whatever cgroup naming the host uses.
+//! - a cgroup namespace is added when the spec has none, so the container
+//!   reads its own limits at /sys/fs/cgroup.
 //! - the network namespace is dropped: the VM is the pod, and the guest's
-//!   network namespace (the one the agent configures) is the pod's network.
+//!   network namespace (the one the agent configures) is the pod's network;
+//!   its `net.*` sysctls are the agent's to set there ([`super::sysctl`]).
 //! - `process.terminal` follows the request's `terminal`.
 //! - `process.user.username`, if given, is resolved in the container's own
 //!   /etc/passwd and /etc/group.
@@ -27,7 +30,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec, User};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Process, Spec, User};
 
 use super::error::{Error, Result};
 
@@ -192,16 +195,27 @@ pub fn prepare_spec(mut spec: Spec, cx: &SpecContext<'_>) -> Result<Spec> {
         return Err(Error::invalid("oci_spec.linux is missing"));
     };
     linux.set_cgroups_path(Some(cgroups_path(cx.id)));
-    if let Some(namespaces) = linux.namespaces_mut() {
-        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
-        for (i, ns) in namespaces.iter().enumerate() {
-            if let Some(path) = ns.path() {
-                if !path.exists() {
-                    return Err(Error::invalid(format!(
-                        "oci_spec.linux.namespaces[{i}].path {} does not exist in the guest",
-                        path.display()
-                    )));
-                }
+    let namespaces = linux.namespaces_mut().get_or_insert_with(Vec::new);
+    // Its own cgroup namespace, always: the container's /sys/fs/cgroup is then its own
+    // cgroup, whose memory.max and cpu.max are what JVMs, Go and Node size themselves by
+    // (containerd's ctr and CRI on some set-ups send none; the guest's root cgroup has no
+    // limits to read).
+    if !namespaces
+        .iter()
+        .any(|ns| ns.typ() == LinuxNamespaceType::Cgroup)
+    {
+        let mut cgroup = LinuxNamespace::default();
+        cgroup.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(cgroup);
+    }
+    namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+    for (i, ns) in namespaces.iter().enumerate() {
+        if let Some(path) = ns.path() {
+            if !path.exists() {
+                return Err(Error::invalid(format!(
+                    "oci_spec.linux.namespaces[{i}].path {} does not exist in the guest",
+                    path.display()
+                )));
             }
         }
     }
@@ -375,8 +389,12 @@ mod tests {
             .collect();
         assert_eq!(
             types,
-            [LinuxNamespaceType::Pid, LinuxNamespaceType::Mount],
-            "the host's network namespace must be dropped"
+            [
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Mount,
+                LinuxNamespaceType::Cgroup
+            ],
+            "the host's network namespace dropped, a cgroup namespace added"
         );
         assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(true));
     }

@@ -3,7 +3,7 @@
 
 use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
-use super::{kernel_cmdline, VmSpec};
+use super::{kernel_cmdline, Reboot, VmSpec};
 use crate::network::format_mac;
 
 /// Paths the husk-vmm process uses inside the VM's state directory.
@@ -24,7 +24,7 @@ pub fn args(spec: &VmSpec, paths: &HuskVmmPaths<'_>) -> Vec<OsString> {
     };
     arg("--kernel", spec.kernel.clone().into());
     arg("--initrd", spec.initrd.clone().into());
-    arg("--cmdline", kernel_cmdline(spec).into());
+    arg("--cmdline", kernel_cmdline(spec, Reboot::Keyboard).into());
     arg("--vcpus", spec.vcpus.to_string().into());
     arg("--memory", spec.memory_mib.to_string().into());
     arg("--vsock-uds", paths.vsock_uds.into());
@@ -97,7 +97,7 @@ mod tests {
         }
         let cmdline = &a[a.iter().position(|x| x == "--cmdline").unwrap() + 1];
         assert!(
-            cmdline.contains("reboot=t") && cmdline.contains("husk.log=debug"),
+            cmdline.contains("reboot=k") && cmdline.contains("husk.log=debug"),
             "{cmdline}"
         );
         assert!(!joined.contains("--net-tap-fd"), "no network, no tap");

@@ -11,10 +11,12 @@ pub mod cgroup;
 mod choose;
 pub mod detect;
 pub mod husk_vmm;
+mod log_wiring;
 pub mod logs;
 mod pod_vm;
 mod process;
 pub mod qemu;
+mod qemu_backends;
 
 use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
@@ -166,13 +168,29 @@ impl VmSpec {
     }
 }
 
-/// husk's kernel command line. `reboot=t` makes a guest reboot (how the agent
-/// powers off) a triple fault, which ends husk-vmm, and QEMU too with its
-/// `-no-reboot`; `panic=-1` does the same for a kernel panic, so a crashed
-/// guest never sits there burning CPU. husk-vmm appends its devices'
-/// `virtio_mmio.device=` entries, QEMU's microvm its own.
-pub fn kernel_cmdline(spec: &VmSpec) -> String {
-    let mut c = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+/// How the guest's reboot (the agent's power-off: the lean guest has no ACPI)
+/// reaches the VMM, which ends the VM on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reboot {
+    /// `reboot=k`: 0xFE to the i8042, which husk-vmm reports as a power-off,
+    /// apart from a triple fault (a crash).
+    Keyboard,
+    /// `reboot=t`: a triple fault, which QEMU's `-no-reboot` turns into an
+    /// exit. QEMU's microvm has no i8042, where `reboot=k` would wait on the
+    /// absent controller before falling back to this.
+    TripleFault,
+}
+
+/// husk's kernel command line: `reboot` as the VMM wants it, `panic=-1` so a
+/// kernel panic ends the VM the same way (a crashed guest never sits there
+/// burning CPU). husk-vmm appends its devices' `virtio_mmio.device=` entries,
+/// QEMU's microvm its own.
+pub fn kernel_cmdline(spec: &VmSpec, reboot: Reboot) -> String {
+    let reboot = match reboot {
+        Reboot::Keyboard => "k",
+        Reboot::TripleFault => "t",
+    };
+    let mut c = format!("console=ttyS0 reboot={reboot} panic=-1 quiet");
     if let Some(port) = spec.agent_log_port {
         c.push_str(&format!(" husk.log_port={port}"));
     }

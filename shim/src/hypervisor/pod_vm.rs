@@ -16,7 +16,6 @@ use std::{
 };
 
 use tokio::{
-    net::UnixListener,
     process::{Child, Command},
     task::JoinHandle,
 };
@@ -26,9 +25,10 @@ pub use super::choose::select;
 use super::{
     cgroup::{self, CgroupError, PodCgroup},
     husk_vmm,
-    logs::{self, SharedLog},
-    process::{inherit_fd, reap_now, spawn, tail, unix_socket_listening},
-    qemu, Accel, Hypervisor, VmSpec,
+    process::{inherit_fd, reap_now, spawn, tail},
+    qemu,
+    qemu_backends::Backend,
+    Accel, Hypervisor, VmSpec,
 };
 use crate::agent_client::{AgentClient, AgentError};
 
@@ -91,18 +91,18 @@ pub enum ShutdownOutcome {
     Forced(String),
 }
 
-struct Paths {
-    dir: PathBuf,
-    vsock_uds: PathBuf,
-    vhost_vsock: PathBuf,
-    console_log: PathBuf,
+pub(super) struct Paths {
+    pub(super) dir: PathBuf,
+    pub(super) vsock_uds: PathBuf,
+    pub(super) vhost_vsock: PathBuf,
+    pub(super) console_log: PathBuf,
     /// QEMU's serial console connects here; the shim writes console.log.
-    console_sock: PathBuf,
+    pub(super) console_sock: PathBuf,
     qemu_log: PathBuf,
     husk_vmm_log: PathBuf,
     api_sock: PathBuf,
-    vhost_fs: PathBuf,
-    agent_log: PathBuf,
+    pub(super) vhost_fs: PathBuf,
+    pub(super) agent_log: PathBuf,
 }
 
 impl Paths {
@@ -124,17 +124,17 @@ impl Paths {
 
 /// A launched pod VM whose agent is answering.
 pub struct PodVm {
-    spec: VmSpec,
+    pub(super) spec: VmSpec,
     accel: Accel,
-    paths: Paths,
+    pub(super) paths: Paths,
     hypervisor: Hypervisor,
     /// QEMU, or husk-vmm running the whole VM.
     vm: Option<Child>,
-    backends: Vec<Backend>,
+    pub(super) backends: Vec<Backend>,
     /// Log listeners (console, agent log): aborted at teardown.
-    log_servers: Vec<JoinHandle<()>>,
+    pub(super) log_servers: Vec<JoinHandle<()>>,
     /// The VM processes' stdout and stderr into their logs: they end at EOF.
-    log_pipes: Vec<JoinHandle<()>>,
+    pub(super) log_pipes: Vec<JoinHandle<()>>,
     agent: Option<AgentClient>,
     timings: LaunchTimings,
     /// Where the VM's processes run on the host; removed after they are gone.
@@ -353,26 +353,6 @@ impl PodVm {
         remove_state_dir(&self.paths.dir);
     }
 
-    fn stop_log_tasks(&mut self) {
-        for t in self.log_servers.drain(..).chain(self.log_pipes.drain(..)) {
-            t.abort();
-        }
-    }
-
-    /// Sends `child`'s stdout and stderr into the capped log at `path`.
-    fn pipe_logs(&mut self, child: &mut Child, path: &Path) -> Result<(), LaunchError> {
-        let log =
-            SharedLog::create(path, self.spec.log_max_bytes).map_err(|e| state_err(path, e))?;
-        if let Some(out) = child.stdout.take() {
-            self.log_pipes
-                .push(tokio::spawn(logs::copy_into(out, log.clone())));
-        }
-        if let Some(err) = child.stderr.take() {
-            self.log_pipes.push(tokio::spawn(logs::copy_into(err, log)));
-        }
-        Ok(())
-    }
-
     /// Once every VM process is reaped.
     fn remove_cgroup(&mut self) {
         if let Some(cg) = self.cgroup.take() {
@@ -382,89 +362,7 @@ impl PodVm {
         }
     }
 
-    /// Starts one husk-vmm per vhost-user device and waits until each listens.
-    async fn start_backends(&mut self) -> Result<(), LaunchError> {
-        // husk-vmm binds its hybrid vsock socket before the vhost-user one, so
-        // the vhost-user socket listening means both are ready.
-        let mut wanted: Vec<(&'static str, PathBuf, Vec<std::ffi::OsString>)> = vec![(
-            "husk-vmm vsock",
-            self.paths.vhost_vsock.clone(),
-            vec![
-                "vhost-user-vsock".into(),
-                "--socket".into(),
-                self.paths.vhost_vsock.clone().into(),
-                "--uds".into(),
-                self.paths.vsock_uds.clone().into(),
-                "--guest-cid".into(),
-                self.spec.guest_cid.to_string().into(),
-            ],
-        )];
-        if let Some(share) = &self.spec.share {
-            wanted.push((
-                "husk-vmm virtio-fs",
-                self.paths.vhost_fs.clone(),
-                vec![
-                    "vhost-user-fs".into(),
-                    "--socket".into(),
-                    self.paths.vhost_fs.clone().into(),
-                    "--shared-dir".into(),
-                    share.dir.clone().into(),
-                    "--tag".into(),
-                    share.tag.clone().into(),
-                ],
-            ));
-        }
-        for (what, socket, args) in wanted {
-            let log_path = self
-                .paths
-                .dir
-                .join(format!("{}.log", what.replace([' ', '-'], "_")));
-            let mut cmd = Command::new(&self.spec.vmm_binary);
-            cmd.args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = spawn(cmd, what, &self.spec.vmm_binary, self.cgroup_fds())?;
-            self.pipe_logs(&mut child, &log_path)?;
-            self.backends.push(Backend {
-                what,
-                child,
-                log: log_path,
-                socket,
-            });
-        }
-        let timeout = Duration::from_secs(5);
-        let deadline = Instant::now() + timeout;
-        // Backing off from 1 ms to 50 ms: a backend is usually up within a few
-        // ms, and a slow one is not worth re-reading /proc/net/unix for.
-        let mut pause = Duration::from_millis(1);
-        for b in self.backends.iter_mut() {
-            // Not a probe connection: a backend serves exactly one front
-            // end, so a test connect would use it up.
-            while !unix_socket_listening(&b.socket) {
-                if let Some(status) = b.child.try_wait().map_err(LaunchError::Wait)? {
-                    return Err(LaunchError::Exited {
-                        what: b.what,
-                        status,
-                        console: String::new(),
-                        log: tail(&b.log),
-                    });
-                }
-                if Instant::now() > deadline {
-                    return Err(LaunchError::VmmNotReady {
-                        what: b.what,
-                        timeout,
-                        log: tail(&b.log),
-                    });
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-        }
-        Ok(())
-    }
-
-    fn cgroup_fds(&self) -> Vec<i32> {
+    pub(super) fn cgroup_fds(&self) -> Vec<i32> {
         self.cgroup
             .as_ref()
             .map(PodCgroup::procs_fds)
@@ -501,20 +399,6 @@ impl PodVm {
         Ok(())
     }
 
-    /// QEMU's serial console connects to this socket at start-up; what the
-    /// guest prints goes into the capped console.log.
-    fn start_console_listener(&mut self) -> Result<(), LaunchError> {
-        let sock = &self.paths.console_sock;
-        let listener = UnixListener::bind(sock).map_err(|e| state_err(sock, e))?;
-        let log = SharedLog::create(&self.paths.console_log, self.spec.log_max_bytes)
-            .map_err(|e| state_err(&self.paths.console_log, e))?;
-        // One connection is QEMU's; a second could only be another local
-        // process, and is refused.
-        self.log_servers
-            .push(logs::serve(listener, log, 1, "console"));
-        Ok(())
-    }
-
     /// One `husk-vmm run` process: vCPUs and every device (vsock, virtio-fs,
     /// net, rng) on KVM. The agent answering is its readiness.
     fn start_husk_vmm(&mut self) -> Result<(), LaunchError> {
@@ -539,26 +423,6 @@ impl PodVm {
         let log = self.paths.husk_vmm_log.clone();
         self.pipe_logs(&mut child, &log)?;
         self.vm = Some(child);
-        Ok(())
-    }
-
-    /// Accepts the agent's guest-initiated log connections on
-    /// `<vsock uds>_<port>` (a few at most) into the capped agent.log.
-    fn start_agent_log_listener(&mut self) -> Result<(), LaunchError> {
-        let Some(port) = self.spec.agent_log_port else {
-            return Ok(());
-        };
-        let mut path = self.paths.vsock_uds.clone().into_os_string();
-        path.push(format!("_{port}"));
-        let listener = UnixListener::bind(&path).map_err(|e| state_err(Path::new(&path), e))?;
-        let log = SharedLog::create(&self.paths.agent_log, self.spec.log_max_bytes)
-            .map_err(|e| state_err(&self.paths.agent_log, e))?;
-        self.log_servers.push(logs::serve(
-            listener,
-            log,
-            self.spec.agent_log_connections,
-            "agent log",
-        ));
         Ok(())
     }
 
@@ -653,14 +517,6 @@ impl PodVm {
     }
 }
 
-/// A husk-vmm process serving one vhost-user device to QEMU.
-struct Backend {
-    what: &'static str,
-    child: Child,
-    log: PathBuf,
-    socket: PathBuf,
-}
-
 impl Drop for PodVm {
     fn drop(&mut self) {
         // Synchronous last resort for a VM that was not shut down: SIGKILL,
@@ -734,13 +590,6 @@ fn validate(spec: &VmSpec) -> Result<(), LaunchError> {
         return bad(format!("id {:?} must be non-empty [A-Za-z0-9._-]", spec.id));
     }
     Ok(())
-}
-
-fn state_err(path: &Path, source: io::Error) -> LaunchError {
-    LaunchError::StateDir {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn remove_state_dir(dir: &Path) {

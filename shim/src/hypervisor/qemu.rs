@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, os::fd::AsRawFd, path::Path};
 
-use super::{kernel_cmdline, Accel, VmSpec};
+use super::{kernel_cmdline, Accel, Reboot, VmSpec};
 use crate::network::format_mac;
 
 /// Paths the QEMU process uses inside the VM's state directory.
@@ -61,7 +61,7 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
     a.push("-initrd".into());
     a.push(spec.initrd.clone().into());
     a.push("-append".into());
-    a.push(kernel_cmdline(spec).into());
+    a.push(kernel_cmdline(spec, Reboot::TripleFault).into());
     a.push("-chardev".into());
     let mut chardev = OsString::from("socket,id=vsock0,path=");
     chardev.push(paths.vhost_vsock_socket);
@@ -218,11 +218,11 @@ mod tests {
     fn cmdline_has_power_off_and_log_port() {
         let mut s = spec();
         s.extra_cmdline = " husk.log=debug ".into();
-        let c = kernel_cmdline(&s);
+        let c = kernel_cmdline(&s, Reboot::TripleFault);
         assert!(c.starts_with("console=ttyS0 reboot=t panic=-1"), "{c}");
         assert!(c.contains("husk.log_port=1025"), "{c}");
         assert!(c.ends_with(" husk.log=debug"), "{c}");
         s.agent_log_port = None;
-        assert!(!kernel_cmdline(&s).contains("log_port"));
+        assert!(!kernel_cmdline(&s, Reboot::TripleFault).contains("log_port"));
     }
 }

@@ -133,23 +133,14 @@ pub fn routes_via(ip_route_json: &str, dev: &str) -> Result<Vec<CniRoute>, Strin
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
+    s.parse::<macaddr::MacAddr6>()
+        .ok()
+        .map(macaddr::MacAddr6::into_array)
 }
 
+/// `aa:bb:cc:dd:ee:ff` as the kernel and CNI write it.
 pub fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    macaddr::MacAddr6::from(m).to_string().to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, OwnedFd},
         unix::process::CommandExt,
     },
     path::{Path, PathBuf},
@@ -235,9 +235,6 @@ fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// `_IOW('T', 202, int)` from <linux/if_tun.h>.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-
 /// Creates tap `name` in the namespace and returns its queue (close-on-exec;
 /// the VM launch passes it on explicitly).
 ///
@@ -254,45 +251,12 @@ fn create_tap(netns: &File, name: &str) -> io::Result<OwnedFd> {
             if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
-            open_tap(&name)
+            husk_netdev::open_tap(&name)
         })?;
     thread.join().unwrap_or_else(|_| {
         warn!("the tap thread panicked");
         Err(io::Error::other("the tap thread panicked"))
     })
-}
-
-/// Creates tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) in the calling
-/// thread's network namespace and returns its queue, close-on-exec. The tap
-/// lives as long as the fd.
-pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
-    if name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "tap name too long",
-        ));
-    }
-    // SAFETY: open(2) of a fixed path; the fd is owned right after.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is fresh and owned by nobody else.
-    let tap = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    // VNET_HDR: the VMM passes checksum and segmentation offload metadata
-    // through instead of the guest doing it all.
-    req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: TUNSETIFF takes a struct ifreq.
-    if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF, &mut req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(tap)
 }
 
 #[cfg(test)]

@@ -113,6 +113,10 @@ pub fn mount_one(
 }
 
 /// Splits mount(8)-style options into flags and the filesystem's data string.
+///
+/// Not containerd-shim's `mount_rootfs`: it mounts onto a path (which a guest-writable
+/// directory could redirect; here the target is an fd resolved with openat2), forks for
+/// each mount, and keeps its option table private.
 fn parse_options(options: &[String]) -> (MsFlags, String) {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();

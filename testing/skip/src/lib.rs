@@ -13,6 +13,10 @@
 //! Either way the test prints `SKIPPED <test>: <why>` (the emulated host's
 //! harness looks for that prefix) and, when `HUSK_SKIP_LOG` names a file, appends
 //! a line to it, from which `make test` prints its closing `skipped: N (...)`.
+//!
+//! A test that passed only after a retry (the emulated host's own faults, see
+//! husk-nested-svm) says so with [`retried`]: a `RETRIED <test>: <why>` line, and
+//! a line in `HUSK_RETRY_LOG`, counted in the same closing line.
 
 use std::io::Write;
 
@@ -32,6 +36,13 @@ pub fn not_here(test: &str, why: &str) {
     record(test, why);
 }
 
+/// The test ran part of its work again (why): printed, and recorded for the summary.
+pub fn retried(test: &str, why: &str) {
+    let why = why.replace('\n', " ");
+    eprintln!("RETRIED {test}: {why}");
+    append("HUSK_RETRY_LOG", &format!("{test}: {why}\n"));
+}
+
 fn required(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         return true;
@@ -43,11 +54,14 @@ fn record(test: &str, why: &str) {
     let why = why.replace('\n', " ");
     println!("SKIPPED {test}: {why}");
     eprintln!("SKIPPED {test}: {why}");
-    let Some(path) = std::env::var_os("HUSK_SKIP_LOG") else {
+    append("HUSK_SKIP_LOG", &format!("{test}: {why}\n"));
+}
+
+fn append(log_var: &str, line: &str) {
+    let Some(path) = std::env::var_os(log_var) else {
         return;
     };
     // One short O_APPEND write per line: lines from parallel tests never interleave.
-    let line = format!("{test}: {why}\n");
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -70,6 +84,13 @@ mod tests {
         std::env::remove_var("CI");
         std::env::remove_var("HUSK_REQUIRE");
         std::env::set_var("HUSK_SKIP_LOG", &log);
+        let retries = dir.path().join("retried.log");
+        std::env::set_var("HUSK_RETRY_LOG", &retries);
+        retried("r", "a reset\nin the host");
+        assert_eq!(
+            std::fs::read_to_string(&retries).unwrap(),
+            "r: a reset in the host\n"
+        );
         missing("a", "needs root");
         not_here("b", "no vmx/svm");
         assert_eq!(

@@ -13,8 +13,12 @@ pub use self::vm::{Vm, VmError};
 /// Why the VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
-    /// The guest reset the machine (triple fault with `reboot=t`, i8042 reset): how a husk
-    /// guest powers off, since it has no ACPI.
+    /// The guest asked to end: an i8042 reset (how a husk guest powers off with `reboot=k`,
+    /// since it has no ACPI; a guest panic with `panic=-1` ends the same way) or a KVM
+    /// system event.
+    PowerOff(String),
+    /// A vCPU triple-faulted: the guest crashed (or, with `reboot=t`, rebooted that way).
+    /// Reported apart from [`VmExit::PowerOff`] so a crash never reads as a clean stop.
     Reset(String),
     /// The guest halted a vCPU with interrupts off and no in-kernel irqchip to wake it.
     Halt,
@@ -34,6 +38,7 @@ impl VmExit {
 impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VmExit::PowerOff(why) => write!(f, "guest powered off ({why})"),
             VmExit::Reset(why) => write!(f, "guest reset ({why})"),
             VmExit::Halt => write!(f, "guest halted"),
             VmExit::Stopped(why) => write!(f, "stopped ({why})"),

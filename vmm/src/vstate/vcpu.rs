@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 use vm_memory::GuestAddress;
 
 use super::{ExitNotifier, Vm, VmExit};
@@ -203,11 +203,11 @@ impl Vcpu {
                     return Some(VmExit::Halt);
                 }
                 VcpuExit::Shutdown => {
-                    // Where it happened: a guest's own reboot (husk's power-off) and a crash
-                    // look alike here, and the registers tell them apart.
+                    // husk's guests power off through the i8042 (reboot=k), so this is a
+                    // crash or a guest booted with reboot=t; where it happened says which.
                     let regs = self.fd.get_regs().ok();
                     let sregs = self.fd.get_sregs().ok();
-                    info!(
+                    warn!(
                         vcpu = id,
                         rip = format_args!("{:#x}", regs.map_or(0, |r| r.rip)),
                         rsp = format_args!("{:#x}", regs.map_or(0, |r| r.rsp)),
@@ -221,7 +221,7 @@ impl Vcpu {
                 }
                 VcpuExit::SystemEvent(kind, _) => {
                     info!(vcpu = id, kind, "guest system event");
-                    return Some(VmExit::Reset(format!("system event {kind}")));
+                    return Some(VmExit::PowerOff(format!("system event {kind}")));
                 }
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Some(VmExit::Error(format!(

@@ -1,6 +1,6 @@
 //! The i8042 keyboard controller, there for one command: 0xFE on the command port pulses the
 //! CPU reset line. Linux uses it with `reboot=k` (and as a fallback); husk-vmm treats it as the
-//! guest asking to end, like a triple fault.
+//! guest powering off, which is how husk's guests end.
 
 use std::io;
 
@@ -9,14 +9,14 @@ use vm_superio::Trigger;
 use crate::devices::bus::BusDevice;
 use crate::vstate::{ExitNotifier, VmExit};
 
-/// Ends the VM with [`VmExit::Reset`] when triggered.
+/// Ends the VM with [`VmExit::PowerOff`] when triggered.
 pub struct ResetTrigger(pub ExitNotifier);
 
 impl Trigger for ResetTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.notify(VmExit::Reset("i8042 reset".into()));
+        self.0.notify(VmExit::PowerOff("i8042 reset".into()));
         Ok(())
     }
 }

@@ -71,3 +71,15 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop all state tied to the old queues.
     fn reset(&mut self);
 }
+
+/// Copies `data.len()` bytes of a device's config space from `offset` into `data`; bytes past
+/// its end (or an offset no usize holds) read as zero, whatever the guest asks for.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}

@@ -26,6 +26,7 @@ use super::defs::{FS_CONFIG_SIZE, TAG_LEN};
 use super::request::{self, Verdict};
 use super::share::SharedFs;
 use super::{CacheMode, FsConfig, FsError};
+use crate::devices::virtio::device::read_config_space;
 
 /// How many times one `process_queue` call re-checks a queue that got new buffers while it
 /// was being drained. Bounded so that a driver whose ring claims buffers it never yields (a
@@ -119,14 +120,7 @@ impl FsDevice {
 
     /// Reads `data.len()` bytes of config space at `offset`; bytes beyond the config read as 0.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space(), offset, data);
     }
 
     /// The driver reset the device: forget every inode and close every file the guest had

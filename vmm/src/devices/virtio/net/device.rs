@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::defs::*;
 use super::{NetBackend, NetError};
+use crate::devices::virtio::device::read_config_space;
 
 /// Rounds of "drain the TX ring, re-enable notifications, look again" per call. Bounded so
 /// that a driver whose avail index keeps claiming new buffers cannot pin the event loop.
@@ -198,14 +199,7 @@ impl<B: NetBackend> NetDevice<B> {
 
     /// Reads `data.len()` bytes of config space at `offset`; bytes past its end read as 0.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space(), offset, data);
     }
 
     /// The fd a front end polls (level-triggered) for frames to receive. It is readable only

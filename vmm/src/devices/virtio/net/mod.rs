@@ -68,18 +68,10 @@ pub enum MacError {
 
 /// Parses `aa:bb:cc:dd:ee:ff` into a unicast MAC address.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], MacError> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in mac.iter_mut() {
-        let part = parts.next().ok_or_else(|| MacError::Syntax(s.into()))?;
-        if part.len() != 2 {
-            return Err(MacError::Syntax(s.into()));
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| MacError::Syntax(s.into()))?;
-    }
-    if parts.next().is_some() {
-        return Err(MacError::Syntax(s.into()));
-    }
+    let mac = s
+        .parse::<macaddr::MacAddr6>()
+        .map_err(|_| MacError::Syntax(s.into()))?
+        .into_array();
     if mac[0] & 1 != 0 {
         return Err(MacError::Multicast(s.into()));
     }

@@ -6,15 +6,12 @@
 //! set the header length to 12 bytes (`virtio_net_hdr_v1`) and no RX offloads until the
 //! guest says what it can take.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 use super::defs::HDR_LEN_V1;
 use super::NetBackend;
-
-const TUN_PATH: &str = "/dev/net/tun";
 
 /// The OS error is part of each message rather than a `#[source]`, so `{:#}` chains print
 /// it once.
@@ -22,8 +19,6 @@ const TUN_PATH: &str = "/dev/net/tun";
 pub enum TapError {
     #[error("tap name {0:?}: must be 1 to 15 bytes, without '/', ':' or whitespace")]
     Name(String),
-    #[error("cannot open {TUN_PATH}: {0}")]
-    OpenTun(io::Error),
     #[error("cannot attach to tap {name:?} (it must exist in this network namespace, be a tap, and not be in use): {error}")]
     Attach { name: String, error: io::Error },
     #[error("fd {fd}: not an open tun/tap fd: {error}")]
@@ -36,34 +31,6 @@ pub enum TapError {
         what: &'static str,
         error: io::Error,
     },
-}
-
-/// `struct ifreq` as the tun ioctls use it: the name, then `ifr_flags` (a short) at the
-/// start of the union.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
-impl IfReq {
-    fn new() -> Self {
-        IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: 0,
-            _pad: [0; 22],
-        }
-    }
-
-    fn name(&self) -> String {
-        let end = self
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.name.len());
-        String::from_utf8_lossy(&self.name[..end]).into_owned()
-    }
 }
 
 /// An attached tap interface.
@@ -100,45 +67,19 @@ impl Tap {
                 error: io::Error::from_raw_os_error(libc::ENODEV),
             });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(TUN_PATH)
-            .map_err(TapError::OpenTun)?;
-        let mut req = IfReq::new();
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::Attach {
-                name: name.to_string(),
-                error: io::Error::last_os_error(),
-            });
-        }
-        let tap = Tap {
-            file,
-            name: req.name(),
-        };
-        tap.setup()?;
-        Ok(tap)
+        let fd = husk_netdev::open_tap(name).map_err(|error| TapError::Attach {
+            name: name.to_string(),
+            error,
+        })?;
+        Tap::from_fd(fd)
     }
 
     /// Adopts an fd already attached to a tap (TUNSETIFF done by the caller) with
     /// `IFF_VNET_HDR` set. The fd is made non-blocking.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
         let raw = fd.as_raw_fd();
-        let mut req = IfReq::new();
-        // SAFETY: TUNGETIFF writes one `struct ifreq`; on a non-tun fd it fails cleanly.
-        let rc = unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::NotTunFd {
-                fd: raw,
-                error: io::Error::last_os_error(),
-            });
-        }
-        let flags = i32::from(req.flags);
+        let (name, flags) =
+            husk_netdev::tap_info(&fd).map_err(|error| TapError::NotTunFd { fd: raw, error })?;
         if flags & libc::IFF_TAP == 0 {
             return Err(TapError::BadTapFd {
                 fd: raw,
@@ -157,7 +98,6 @@ impl Tap {
                 what: "attached without IFF_NO_PI",
             });
         }
-        let name = req.name();
         // SAFETY: F_GETFL/F_SETFL on an fd we own.
         let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
         // SAFETY: as above.

@@ -523,6 +523,7 @@ fn in_netns_with_tap(test: &str, f: impl FnOnce(&str, OwnedFd) + Send + 'static)
     .unwrap();
 }
 
+/// `struct ifreq` for the interface-flag ioctls (SIOCGIFFLAGS/SIOCSIFFLAGS).
 #[repr(C)]
 struct IfReqFlags {
     name: [u8; 16],
@@ -541,21 +542,12 @@ fn ifreq(name: &str) -> IfReqFlags {
 }
 
 fn create_persistent_tap(name: &str) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .unwrap();
-    let mut r = ifreq(name);
-    r.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: TUNSETIFF with a struct ifreq; TUNSETPERSIST with an int by value.
-    unsafe {
-        assert_eq!(libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut r), 0);
-        assert_eq!(
-            libc::ioctl(f.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong),
-            0
-        );
-    }
+    let f = husk_netdev::open_tap(name).unwrap();
+    // SAFETY: TUNSETPERSIST takes an int by value.
+    assert_eq!(
+        unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) },
+        0
+    );
 }
 
 fn set_up(name: &str) {
@@ -757,19 +749,7 @@ fn tap_open_errors_name_the_problem() {
 #[test]
 fn tap_fd_is_adopted() {
     in_netns_with_tap("tap_fd_is_adopted", |name, sock| {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap();
-        let mut r = ifreq(name);
-        r.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF with a struct ifreq.
-        assert_eq!(
-            unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut r) },
-            0
-        );
-        let tap = Tap::from_fd(OwnedFd::from(f)).unwrap();
+        let tap = Tap::from_fd(husk_netdev::open_tap(name).unwrap()).unwrap();
         assert_eq!(tap.name(), name);
         let mut ctx = Ctx::new(tap, F_V1 | F_MRG);
         let f = frame(64, 5);

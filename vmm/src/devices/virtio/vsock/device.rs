@@ -18,6 +18,7 @@ use vm_memory::GuestMemory;
 use super::defs::*;
 use super::packet::peek_tx_header;
 use super::{VsockBackend, VsockError};
+use crate::devices::virtio::device::read_config_space;
 
 /// How many times one `process_*` call re-checks a queue that got new buffers while it was
 /// being drained. Bounded so that a driver whose ring claims buffers it never yields (a broken
@@ -59,14 +60,7 @@ impl<T: VsockBackend> VsockDevice<T> {
 
     /// Reads `data.len()` bytes of config space at `offset`; bytes beyond the config read as 0.
     pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_space(&self.config_space(), offset, data);
     }
 
     /// The fd a front end must poll for host-side events.

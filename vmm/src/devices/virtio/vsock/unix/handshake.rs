@@ -95,7 +95,7 @@ impl Handshake {
 }
 
 /// Parses `CONNECT <port>\n` (a `\r` before the newline is tolerated).
-pub(crate) fn parse_connect_line(line: &[u8]) -> Option<u32> {
+pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
     let line = line.strip_suffix(b"\n")?;
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let line = std::str::from_utf8(line).ok()?;

@@ -7,6 +7,9 @@ mod muxer;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The `CONNECT <port>\n` parser, for the fuzz targets (`../fuzz`).
+#[cfg(feature = "fuzzing")]
+pub use self::handshake::parse_connect_line;
 pub use self::muxer::{ConnKey, VsockMuxer};
 
 /// Settings of a [`VsockMuxer`].

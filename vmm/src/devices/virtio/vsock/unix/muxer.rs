@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use super::handshake::{Handshake, Progress};
 use super::MuxerConfig;
 use crate::devices::virtio::vsock::defs::*;
 use crate::devices::virtio::vsock::{PktHeader, VsockBackend, VsockChannel, VsockError};
-use crate::sock::bind_unix_listener;
+use crate::sock::{bind_unix_listener, AcceptReserve};
 
 /// Epoll tokens 0 and 1 are fixed; every handshake/connection gets a fresh one, never reused,
 /// so a stale event in a batch can never be mistaken for a newer fd with the same number.
@@ -64,6 +64,8 @@ struct ConnEntry {
 pub struct VsockMuxer {
     cfg: MuxerConfig,
     listener: UnixListener,
+    /// Lets the listener shed a connection at the fd limit instead of spinning.
+    reserve: AcceptReserve,
     epoll: Epoll,
     timer: TimerFd,
     timer_armed: bool,
@@ -117,9 +119,14 @@ impl VsockMuxer {
                 EpollEvent::new(EventSet::IN, TOKEN_TIMER),
             )
             .map_err(VsockError::Epoll)?;
+        let reserve = AcceptReserve::new(listener.as_fd()).map_err(|e| VsockError::Listen {
+            path: cfg.uds_path.clone(),
+            source: e.into(),
+        })?;
         Ok(VsockMuxer {
             cfg,
             listener,
+            reserve,
             epoll,
             timer,
             timer_armed: false,
@@ -330,6 +337,17 @@ impl VsockMuxer {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if AcceptReserve::is_fd_limit(&e) => {
+                    husk_bounds::ratelimited!(
+                        warn,
+                        error = %e,
+                        "out of fds (--max-open-files): refusing a host client"
+                    );
+                    if self.reserve.shed(&self.listener) {
+                        continue;
+                    }
+                    return;
+                }
                 Err(e) => {
                     husk_bounds::ratelimited!(warn, error = %e, "accept on hybrid vsock socket failed");
                     return;
