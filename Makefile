@@ -17,12 +17,16 @@ GUEST_DIR := $(CURDIR)/target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 
-.PHONY: nested-host all setup guest kernel agent initrd build test bench bench-shim bench-cri bench-net lint demo install clean-guest
+.PHONY: fuzz test-deps nested-host all setup guest kernel agent initrd build test bench bench-shim bench-cri bench-net lint demo install clean-guest
 
 all: guest build
 
 setup:
 	bash scripts/install-deps.sh
+
+# What only the tests use besides: containerd 2.3, cargo-fuzz.
+test-deps:
+	bash scripts/install-deps.sh --test
 
 kernel:
 	bash kernel-config/build.sh $(GUEST_DIR)
@@ -67,17 +71,27 @@ install:
 # and counted in the closing line; under CI=true
 # (or HUSK_REQUIRE=all) a test missing what CI provides fails instead of skipping.
 # The tests that drive a real containerd run twice: on Debian's 1.6 (PATH), then on
-# containerd 2.3 (make setup installs it from ../shared/tools/containerd-2.3).
+# containerd 2.3 (make test-deps installs it from ../shared/tools/containerd-2.3).
 CONTAINERD_2_3 ?= /opt/containerd-2.3/bin
 CONTAINERD_TESTS := shim_run shim_tasks shim_pod shim_concurrency cri_pod cri_net hostile_guest containerd_runc
 SKIP_LOG := $(CURDIR)/target/skipped.log
 RETRY_LOG := $(CURDIR)/target/retried.log
-test: guest nested-host build
+test: test-deps guest nested-host build
 	rm -f $(SKIP_LOG) $(RETRY_LOG)
 	export HUSK_SKIP_LOG=$(SKIP_LOG) HUSK_RETRY_LOG=$(RETRY_LOG) HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_VMM_BIN=$(CURDIR)/target/debug/husk-vmm; \
 	  $(CARGO) test --workspace --no-fail-fast -- --test-threads=2; rc=$$?; \
 	  CARGO="$(CARGO)" bash scripts/test-on-containerd.sh $(CONTAINERD_2_3) $(CONTAINERD_TESTS) || rc=1; \
+	  PATH="$(CARGO_FUZZ_BIN):$$PATH" bash scripts/fuzz-smoke.sh $(FUZZ_SMOKE_SECONDS) || rc=1; \
 	  bash scripts/skip-summary.sh $(SKIP_LOG) $(RETRY_LOG); exit $$rc
+
+# Fuzzing husk-vmm's guest-facing parsers (fuzz/: cargo-fuzz, libFuzzer, AddressSanitizer on
+# nightly): every target FUZZ_SECONDS each, one after another; `make test` ends with a
+# FUZZ_SMOKE_SECONDS run of each.
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 10
+CARGO_FUZZ_BIN ?= /opt/cargo-fuzz/bin
+fuzz:
+	PATH="$(CARGO_FUZZ_BIN):$$PATH" bash fuzz/run.sh $(FUZZ_SECONDS)
 
 bench: guest
 	$(CARGO) build --release -p husk-vmm
@@ -109,6 +123,7 @@ bench-net: guest build
 
 lint:
 	$(CARGO) fmt --all -- --check
+	cd fuzz && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 clean-guest:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages husk builds and tests with. Idempotent: asks apt
-# only for what is missing. Needs root.
+# Installs the Debian packages husk builds and tests with (with --test, also
+# containerd 2.3 and cargo-fuzz, which only the tests use). Idempotent: asks
+# apt only for what is missing. Needs root.
 set -euo pipefail
 
 pkgs=(
@@ -40,9 +41,29 @@ install_containerd_2_3() {
   "$tools/install.sh" "$prefix"
 }
 
+# cargo-fuzz for the fuzz targets (fuzz/; make test runs each briefly), into
+# its own prefix: a machine's ~/.cargo/bin may be read-only.
+install_cargo_fuzz() {
+  local prefix=${CARGO_FUZZ_PREFIX:-/opt/cargo-fuzz}
+  if [ -x "$prefix/bin/cargo-fuzz" ] || command -v cargo-fuzz >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "install-deps: cargo-fuzz into $prefix"
+  cargo install --locked --quiet --root "$prefix" cargo-fuzz@0.13.2
+}
+
+# --test: also what only the tests use (containerd 2.3, cargo-fuzz): `make test`
+# asks for it, `make demo` does not.
+test_extras() {
+  if [ "${1:-}" = --test ]; then
+    install_containerd_2_3
+    install_cargo_fuzz
+  fi
+}
+
 if ((${#missing[@]} == 0)); then
   echo "install-deps: all packages present"
-  install_containerd_2_3
+  test_extras "${1:-}"
   exit 0
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -52,4 +73,4 @@ fi
 echo "install-deps: installing ${missing[*]}"
 apt-get update -q
 DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-install_containerd_2_3
+test_extras "${1:-}"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Installs husk on a Kubernetes (or plain containerd) node: the shim and
 # husk-vmm, the guest kernel and initrd, /etc/husk/configuration.toml, and the
-# `husk` runtime handler in containerd's config (deploy/containerd-husk.toml).
+# `husk` runtime handler in containerd's config: deploy/containerd-husk-v3.toml
+# into a version 3 config (containerd 2.x), deploy/containerd-husk.toml into a
+# version 2 one (1.6/1.7). Without a config, the installed containerd's version
+# decides (2.x: version 3), or --config-version.
 #
 #   scripts/install.sh [--prefix /usr/local] [--bin-dir DIR] [--guest-dir DIR]
 #                      [--containerd-config /etc/containerd/config.toml]
-#                      [--root DIR] [--force] [--no-containerd]
+#                      [--config-version 2|3] [--root DIR] [--force] [--no-containerd]
 #
 # Idempotent: a second run with the same inputs changes nothing. It never
 # overwrites a configuration it did not write without --force: an existing
@@ -23,6 +26,7 @@ containerd_config=/etc/containerd/config.toml
 root=""
 force=0
 register=1
+config_version=""
 
 die() { echo "install: $*" >&2; exit 1; }
 
@@ -35,11 +39,16 @@ while (($#)); do
     --root) root="${2%/}"; shift 2 ;;
     --force) force=1; shift ;;
     --no-containerd) register=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --config-version) config_version="$2"; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 
+case "$config_version" in
+  ""|2|3) ;;
+  *) die "--config-version $config_version: must be 2 (containerd 1.6/1.7) or 3 (containerd 2.x)" ;;
+esac
 if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
   die "run as root (or with --root DIR)"
 fi
@@ -109,23 +118,41 @@ if ((register)); then
   begin="# BEGIN husk runtime (scripts/install.sh)"
   end="# END husk runtime"
   cfg="$root$containerd_config"
-  block="$(printf '%s\n' "$begin"; grep -v '^#' "$here/deploy/containerd-husk.toml" \
+  # The config's own version, else the one the installed containerd writes.
+  if [ -f "$cfg" ]; then
+    found="$(sed -nE 's/^\s*version\s*=\s*([0-9]+).*/\1/p' "$cfg" | head -n1)"
+    [ -n "$found" ] || die "$containerd_config has no 'version = N' line; add the husk handler by hand (deploy/containerd-husk*.toml)"
+    if [ -n "$config_version" ] && [ "$config_version" != "$found" ]; then
+      die "--config-version $config_version, but $containerd_config is version $found"
+    fi
+    config_version="$found"
+  elif [ -z "$config_version" ]; then
+    config_version=2
+    if command -v containerd >/dev/null \
+      && containerd --version 2>/dev/null | awk '{print $3}' | grep -qE '^v?[2-9]\.'; then
+      config_version=3
+    fi
+  fi
+  case "$config_version" in
+    2) template="$here/deploy/containerd-husk.toml" ;;
+    3) template="$here/deploy/containerd-husk-v3.toml" ;;
+    *) die "$containerd_config is version $config_version; husk knows versions 2 and 3 (deploy/containerd-husk*.toml)" ;;
+  esac
+  block="$(printf '%s\n' "$begin"; grep -v '^#' "$template" \
     | sed "s|/etc/husk/configuration.toml|$husk_config|"; printf '%s\n' "$end")"
   if [ -f "$cfg" ]; then
-    # The handler's section, as CRI's config sees it, outside husk's block.
+    # The handler's section, as CRI's config sees it (either version, either quotes),
+    # outside husk's block.
     outside="$(sed "\\|^$begin\$|,\\|^$end\$|d" "$cfg")"
-    if grep -qE '^\s*\[plugins\."io\.containerd\.grpc\.v1\.cri"\.containerd\.runtimes\.husk\]' <<<"$outside"; then
+    if grep -qE "^\s*\[plugins\.[\"']io\.containerd\.(grpc\.v1\.cri|cri\.v1\.runtime)[\"']\.containerd\.runtimes\.husk\]" <<<"$outside"; then
       die "$containerd_config already defines a 'husk' runtime outside husk's block; not touching it"
     fi
-    if grep -qE 'disabled_plugins\s*=.*io\.containerd\.grpc\.v1\.cri' "$cfg"; then
+    if grep -qE 'disabled_plugins\s*=.*io\.containerd\.(grpc\.v1\.cri|cri\.v1\.runtime)' "$cfg"; then
       echo "install: warning: $containerd_config disables the CRI plugin; Kubernetes will not reach husk" >&2
-    fi
-    if ! grep -qE '^\s*version\s*=\s*2' "$cfg"; then
-      die "$containerd_config is not a version 2 config; add the husk handler by hand (deploy/containerd-husk.toml)"
     fi
     printf '%s\n%s\n' "$outside" "$block" >"$tmp.ctd"
   else
-    printf 'version = 2\n%s\n' "$block" >"$tmp.ctd"
+    printf 'version = %s\n%s\n' "$config_version" "$block" >"$tmp.ctd"
   fi
   if [ -f "$cfg" ] && cmp -s "$tmp.ctd" "$cfg"; then
     echo "install: $containerd_config already registers the husk handler"

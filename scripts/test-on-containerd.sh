@@ -7,12 +7,12 @@
 #   test-on-containerd.sh DIR TEST...
 #
 # A missing DIR is a skip, recorded for make test's closing line, and a
-# failure under CI=true / HUSK_REQUIRE=all (CI installs it: make setup).
+# failure under CI=true / HUSK_REQUIRE=all (make test, through make test-deps, installs it).
 set -uo pipefail
 dir=${1:?usage: test-on-containerd.sh DIR TEST...}
 shift
 if [ ! -x "$dir/containerd" ] || [ ! -x "$dir/ctr" ]; then
-  why="no containerd and ctr in $dir (make setup installs containerd 2.3 from ../shared/tools/containerd-2.3)"
+  why="no containerd and ctr in $dir (make test-deps installs containerd 2.3 from ../shared/tools/containerd-2.3)"
   echo "SKIPPED containerd-2.3: $why"
   [ -n "${HUSK_SKIP_LOG:-}" ] && echo "containerd-2.3: $why" >> "$HUSK_SKIP_LOG"
   if [ "${CI:-}" = true ] || [[ ",${HUSK_REQUIRE:-}," == *,all,* ]] || [[ ",${HUSK_REQUIRE:-}," == *,containerd-2.3,* ]]; then

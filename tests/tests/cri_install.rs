@@ -87,3 +87,94 @@ fn install_is_idempotent_and_refuses_to_clobber() {
     );
     assert_eq!(fs::read_to_string(&cfg).unwrap(), foreign);
 }
+
+/// containerd 2.x's version 3 config gets the handler in its own spelling (the CRI runtime
+/// plugin, `io.containerd.cri.v1.runtime`), and containerd 2.3 reads it back as husk's.
+#[test]
+fn install_writes_a_version_3_handler_that_containerd_2_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, src) = (tmp.path().join("root"), tmp.path().join("src"));
+    inputs(&src);
+    let cfg = root.join("etc/containerd/config.toml");
+    fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    let original =
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = \"overlayfs\"\n";
+    fs::write(&cfg, original).unwrap();
+    let out = install(&root, &src);
+    assert!(out.status.success(), "{out:?}");
+    let registered = fs::read_to_string(&cfg).unwrap();
+    assert!(registered.starts_with(original), "{registered}");
+    assert!(
+        registered.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.husk]"),
+        "{registered}"
+    );
+    assert!(
+        !registered.contains("io.containerd.grpc.v1.cri"),
+        "{registered}"
+    );
+    let out = install(&root, &src);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        fs::read_to_string(&cfg).unwrap(),
+        registered,
+        "a rerun changes nothing"
+    );
+
+    // A husk runtime someone else defined in the version 3 spelling: refused.
+    let foreign = "version = 3\n[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.husk]\n  runtime_type = \"x\"\n";
+    fs::write(&cfg, foreign).unwrap();
+    let out = install(&root, &src);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(fs::read_to_string(&cfg).unwrap(), foreign);
+
+    // A config of a version husk does not know, or asked for against the file's: refused.
+    fs::write(&cfg, "version = 4\n").unwrap();
+    assert!(!install(&root, &src).status.success());
+    fs::write(&cfg, original).unwrap();
+    let out = Command::new("bash")
+        .arg(workspace_root().join("scripts/install.sh"))
+        .args(["--config-version", "2", "--root"])
+        .arg(&root)
+        .arg("--bin-dir")
+        .arg(src.join("bin"))
+        .arg("--guest-dir")
+        .arg(src.join("guest"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is version 3"),
+        "{out:?}"
+    );
+
+    // What containerd 2.3 makes of it.
+    let dir = husk_tests::containerd::chosen_dir()
+        .unwrap_or_else(|| Path::new("/opt/containerd-2.3/bin").to_path_buf());
+    let containerd = dir.join("containerd");
+    if !containerd.is_file() {
+        husk_skip::missing(
+            "install_writes_a_version_3_handler_that_containerd_2_reads",
+            "no containerd 2.3 in /opt/containerd-2.3/bin (make test-deps)",
+        );
+        return;
+    }
+    fs::write(&cfg, original).unwrap();
+    assert!(install(&root, &src).status.success());
+    let dump = Command::new(&containerd)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.status.success(), "{dump:?}");
+    let husk = text
+        .split("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.husk]")
+        .nth(1)
+        .unwrap_or_else(|| panic!("containerd 2.3 did not read the husk handler:\n{text}"));
+    assert!(
+        husk.contains("runtime_type = 'io.containerd.husk.v2'")
+            || husk.contains("runtime_type = \"io.containerd.husk.v2\""),
+        "{husk}"
+    );
+    assert!(husk.contains("/etc/husk/configuration.toml"), "{husk}");
+}

@@ -25,7 +25,18 @@ fn assert_gone(pids: &[u32], state_dir: &std::path::Path) {
     );
 }
 
-/// husk-vmm as the shim runs it: in its own mount and network namespaces,
+/// A field of /proc/<pid>/status ("CapEff:"), trimmed.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// husk-vmm (or one of its backends) as the shim runs it: in its own mount and network namespaces,
 /// without CAP_SYS_ADMIN, with no_new_privs.
 fn assert_jailed(pid: u32) {
     let ns = |p: &str, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).unwrap();
@@ -36,16 +47,8 @@ fn assert_jailed(pid: u32) {
             "husk-vmm shares the host's {kind} namespace"
         );
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or_default()
-            .to_string()
-    };
-    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let field = |name: &str| status_field(pid, name);
+    assert_eq!(field("NoNewPrivs:"), "1", "pid {pid}");
     let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
     let bnd = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
     const CAP_SYS_ADMIN: u64 = 1 << 21;
@@ -76,8 +79,19 @@ async fn boots_serves_the_agent_api_and_powers_off() {
         Hypervisor::HuskVmm => assert_eq!(pids.len(), 1, "husk-vmm alone"),
     }
     let state_dir = vm.state_dir().to_path_buf();
-    if vm.hypervisor() == Hypervisor::HuskVmm && nix::unistd::geteuid().is_root() {
-        assert_jailed(pids[0]);
+    if nix::unistd::geteuid().is_root() {
+        match vm.hypervisor() {
+            Hypervisor::HuskVmm => assert_jailed(pids[0]),
+            Hypervisor::Qemu => {
+                // QEMU under its own seccomp filter; its vsock backend in husk-vmm's jail.
+                assert_eq!(
+                    status_field(pids[0], "Seccomp:"),
+                    "2",
+                    "QEMU without -sandbox"
+                );
+                assert_jailed(pids[1]);
+            }
+        }
     }
 
     let agent = vm.agent().expect("connected during launch").clone();

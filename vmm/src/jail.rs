@@ -26,7 +26,12 @@ use nix::{
     sched::{unshare, CloneFlags},
 };
 
-/// The capabilities fuse-backend-rs's passthrough file system uses to serve the guest's users.
+/// The capabilities fuse-backend-rs's passthrough file system uses to serve the guest's users:
+/// file ownership and modes the guest sets (CHOWN, FOWNER, FSETID), permission checks as the
+/// guest's users rather than as root (DAC_OVERRIDE, DAC_READ_SEARCH: the server, not the host,
+/// decides, against the guest's uid), and acting as them while creating files (SETUID, SETGID
+/// for the per-request fsuid/fsgid). Not CAP_MKNOD: the guest gets no device nodes on the
+/// share (FIFOs and sockets need none).
 const FS_SERVER_CAPS: &[Capability] = &[
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
@@ -35,10 +40,10 @@ const FS_SERVER_CAPS: &[Capability] = &[
     Capability::CAP_FSETID,
     Capability::CAP_SETGID,
     Capability::CAP_SETUID,
-    Capability::CAP_MKNOD,
 ];
 
-/// Name of the temporary mount point made in the first visible directory.
+/// Name (with the pid after it) of the temporary mount point made in a visible directory:
+/// per process, since a pod's backends jail themselves at once in the same directory.
 const JAIL_DIR: &str = ".husk-jail";
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +108,9 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
         return Err(JailError::Threads(threads));
     }
     let dirs = visible_dirs(&cfg.visible_dirs)?;
-    let first = dirs.first().ok_or(JailError::NoDirs)?;
+    if dirs.is_empty() {
+        return Err(JailError::NoDirs);
+    }
     // What caps needs from /proc, read while /proc is still there.
     let all_caps = caps::all();
 
@@ -126,12 +133,7 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
     )
     .map_err(|e| sys("making / a slave mount")(errno(e)))?;
 
-    let root = first.join(JAIL_DIR);
-    match fs::DirBuilder::new().mode(0o700).create(&root) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(sys(format!("creating {}", root.display()))(e)),
-    }
+    let root = jail_mount_point(&dirs)?;
     mount(
         Some("tmpfs"),
         &root,
@@ -188,6 +190,27 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
         return Err(sys("PR_SET_NO_NEW_PRIVS")(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// A directory for the jail's tmpfs while it is built: inside the first visible directory
+/// that takes one (a virtio-fs share is read-only to everyone, the socket directory is not).
+fn jail_mount_point(dirs: &[PathBuf]) -> Result<PathBuf, JailError> {
+    let mut last = None;
+    for dir in dirs {
+        let root = dir.join(format!("{JAIL_DIR}-{}", std::process::id()));
+        match fs::DirBuilder::new().mode(0o700).create(&root) {
+            Ok(()) => return Ok(root),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(root),
+            Err(e) => last = Some((root, e)),
+        }
+    }
+    match last {
+        Some((root, e)) => Err(sys(format!(
+            "creating {} (no visible directory is writable)",
+            root.display()
+        ))(e)),
+        None => Err(JailError::NoDirs),
+    }
 }
 
 fn drop_capabilities(keep: &CapsHashSet, all: CapsHashSet) -> Result<(), JailError> {
@@ -338,7 +361,14 @@ mod tests {
                      writable, 14 CAP_SYS_ADMIN kept, 15 kept dir not writable"
                 );
                 assert_eq!(fs::read(kept.join("file")).unwrap(), b"written in jail");
-                assert!(!kept.join(JAIL_DIR).exists(), "mount point left behind");
+                assert!(
+                    fs::read_dir(&kept).unwrap().all(|e| !e
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(JAIL_DIR)),
+                    "mount point left behind"
+                );
             }
         }
     }

@@ -72,6 +72,11 @@ struct VhostUserFsArgs {
     /// past the limit the guest gets EMFILE.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES_FS)]
     max_open_files: u64,
+    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
+    /// namespaces, an empty read-only root with only the directories still reached by path,
+    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
+    #[arg(long)]
+    jail: bool,
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +98,11 @@ struct VhostUserNetArgs {
     /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
+    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
+    /// namespaces, an empty read-only root with only the directories still reached by path,
+    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
+    #[arg(long)]
+    jail: bool,
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +121,11 @@ struct VhostUserVsockArgs {
     /// connections a guest can make it keep (the device itself allows 1024 at once).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
+    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
+    /// namespaces, an empty read-only root with only the directories still reached by path,
+    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
+    #[arg(long)]
+    jail: bool,
 }
 
 fn main() -> ExitCode {
@@ -145,7 +160,6 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
     }
     open_file_limit(args.max_open_files)?;
     let sockets = vec![args.uds.clone(), args.socket.clone()];
-    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
 
     // The hybrid socket first: the launcher takes the vhost-user socket's appearance to mean
     // both are ready.
@@ -153,6 +167,12 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
         .with_context(|| format!("--uds {}", args.uds.display()))?;
     let listener = bind_unix_listener(&args.socket)
         .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
+    // Guest connections to host port P go to "<uds>_P", beside the hybrid socket.
+    if let Err(e) = jail_if(args.jail, &[&args.uds, &args.socket], None) {
+        remove_sockets(&sockets);
+        return Err(e);
+    }
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
     info!(
         socket = %args.socket.display(),
         uds = %args.uds.display(),
@@ -178,7 +198,6 @@ fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
         .with_context(|| format!("--shared-dir {}", args.shared_dir.display()))?;
     let max_open_files = open_file_limit(args.max_open_files)?;
     let sockets = vec![args.socket.clone()];
-    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
 
     // Bind before the device exists: setting up the passthrough file system clears the
     // process umask, and the socket should get the caller's.
@@ -193,6 +212,11 @@ fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
             return Err(e);
         }
     };
+    if let Err(e) = jail_if(args.jail, &[&args.socket], Some(&shared_dir)) {
+        remove_sockets(&sockets);
+        return Err(e);
+    }
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
     info!(
         socket = %args.socket.display(),
         shared_dir = %shared_dir.display(),
@@ -224,9 +248,14 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
     let tap_name = tap.name().to_string();
     let device = NetDevice::new(tap, mac).context("cannot set up the net device")?;
     let sockets = vec![args.socket.clone()];
-    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
     let listener = bind_unix_listener(&args.socket)
         .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
+    // The tap is an fd by now.
+    if let Err(e) = jail_if(args.jail, &[&args.socket], None) {
+        remove_sockets(&sockets);
+        return Err(e);
+    }
+    exit_on_signals(sockets.clone()).context("cannot set up signal handling")?;
     info!(
         socket = %args.socket.display(),
         tap = %tap_name,
@@ -245,6 +274,30 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
 pub(crate) fn open_file_limit(max: u64) -> Result<u64> {
     limit_open_files(max)
         .with_context(|| format!("--max-open-files {max}: cannot set RLIMIT_NOFILE"))
+}
+
+/// Enters the jail when `--jail` asked for it (and then the vhost-user seccomp filter),
+/// keeping visible the directories of
+/// `sockets` (removed by path at exit; vsock's guest connections go beside its socket) and
+/// the file server's share, which also keeps the file server's capabilities. Everything
+/// else the backend uses is an fd by now, and no thread runs yet.
+fn jail_if(jail: bool, sockets: &[&Path], share: Option<&Path>) -> Result<()> {
+    if !jail {
+        return Ok(());
+    }
+    let mut visible_dirs: Vec<PathBuf> = sockets
+        .iter()
+        .map(|s| match s.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .map(|d| std::path::absolute(&d).unwrap_or(d))
+        .collect();
+    visible_dirs.extend(share.map(Path::to_path_buf));
+    husk_vmm::vhost_user::confine::confine(visible_dirs.clone(), share.is_some())
+        .context("--jail")?;
+    info!(dirs = ?visible_dirs, "entered the jail, under seccomp");
+    Ok(())
 }
 
 /// SIGINT and SIGTERM end the process cleanly: sockets removed, exit status 0.

@@ -48,6 +48,9 @@ pub enum SeccompError {
 pub enum ThreadKind {
     Vcpu,
     EventLoop,
+    /// A vhost-user backend process (`husk-vmm vhost-user-*`): its main thread takes the
+    /// filter before it starts any other, and every thread it starts inherits it.
+    VhostUser,
 }
 
 /// Syscalls every thread needs: memory allocation, locks, signal return, logging, exit.
@@ -117,6 +120,33 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_getrandom,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+];
+
+/// What a vhost-user backend adds to the event loop's calls: worker threads started under
+/// the filter (clone only with CLONE_THREAD, see [`filter_with`]: never a new process, and
+/// no execve), the vhost-user protocol's epoll and eventfds and the guest memory QEMU passes
+/// as an fd to map, and its signal thread's wait.
+const VHOST_USER: &[i64] = &[
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_prctl,
+    libc::SYS_epoll_create1,
+    libc::SYS_eventfd2,
+    libc::SYS_write,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_sigaction,
+    libc::SYS_close,
+    libc::SYS_dup,
+    libc::SYS_getdents64,
+    libc::SYS_openat,
+    libc::SYS_lseek,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
 ];
 
 /// What the event loop adds when it serves virtio-fs in-process: the passthrough file
@@ -204,21 +234,64 @@ pub fn filter_for(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// Compiles the filter for one kind of thread, allowing `more` syscalls besides (e.g.
-/// [`FS_SERVER`] when the event loop serves virtio-fs).
+/// [`FS_SERVER`] when the event loop serves virtio-fs). It names this process's pid (the one
+/// tgkill may target): compile it in the process that applies it.
 pub fn filter_with(kind: ThreadKind, more: &[i64]) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let extra = match kind {
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::EventLoop => EVENT_LOOP,
+    let extra: &[&[i64]] = match kind {
+        ThreadKind::Vcpu => &[VCPU],
+        ThreadKind::EventLoop => &[EVENT_LOOP],
+        ThreadKind::VhostUser => &[EVENT_LOOP, VHOST_USER],
     };
-    for nr in COMMON.iter().chain(extra).chain(more) {
+    for nr in COMMON
+        .iter()
+        .chain(extra.iter().copied().flatten())
+        .chain(more)
+    {
         rules.insert(*nr, Vec::new());
     }
     let ioctls = match kind {
         ThreadKind::Vcpu => ioctl_rules(&[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, FIONBIO])?,
-        ThreadKind::EventLoop => ioctl_rules(&[FIONBIO, FIOCLEX, TUNSETOFFLOAD])?,
+        ThreadKind::EventLoop | ThreadKind::VhostUser => {
+            ioctl_rules(&[FIONBIO, FIOCLEX, TUNSETOFFLOAD])?
+        }
     };
     rules.insert(libc::SYS_ioctl, ioctls);
+    // No reach beyond the process: signals only to its own threads (a vCPU kick, abort's
+    // raise), sockets only of the Unix family (vsock's host side, the API).
+    if let Some(allowed) = rules.get_mut(&libc::SYS_tgkill) {
+        *allowed = vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(std::process::id()),
+        )?])?];
+    }
+    if let Some(allowed) = rules.get_mut(&libc::SYS_socket) {
+        *allowed = vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )?])?];
+    }
+    if kind == ThreadKind::VhostUser {
+        // Threads, never processes: clone's flags must carry CLONE_THREAD. (clone3 keeps
+        // its flags in memory a filter cannot read: see [`apply_to_process`].)
+        // Allowed here so that the ENOSYS of the filter beside it is what clone3 gets (a
+        // trap here would take precedence over it).
+        rules.insert(libc::SYS_clone3, Vec::new());
+        let thread = libc::CLONE_THREAD as u64;
+        rules.insert(
+            libc::SYS_clone,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(thread),
+                thread,
+            )?])?],
+        );
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -245,6 +318,25 @@ pub fn apply(prog: &BpfProgram) -> Result<(), SeccompError> {
     THREAD_NAME.with(|c| c.set(name));
     seccompiler::apply_filter(prog)?;
     Ok(())
+}
+
+/// Installs `prog` on the calling thread, to be inherited by every thread it starts, with
+/// clone3 failing with ENOSYS beside it so threads are made with clone, whose flags `prog`
+/// checks (glibc falls back to clone on ENOSYS). For a process that starts its threads
+/// after this call: a vhost-user backend.
+pub fn apply_to_process(prog: &BpfProgram) -> Result<(), SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let no_clone3: BpfProgram = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )?
+    .try_into()?;
+    // This one first: once `prog` is on, seccomp(2) itself is not allowed.
+    seccompiler::apply_filter(&no_clone3)?;
+    apply(prog)
 }
 
 extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -330,7 +422,11 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::EventLoop,
+            ThreadKind::VhostUser,
+        ] {
             let prog = filter_for(kind).expect("filter");
             assert!(!prog.is_empty());
         }

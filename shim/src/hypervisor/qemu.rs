@@ -14,6 +14,10 @@ pub struct QemuPaths<'a> {
     pub console_sock: &'a Path,
 }
 
+/// QEMU's `-sandbox` setting (every group it can deny, denied).
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Arguments for `qemu-system-x86_64`.
 pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString> {
     let mem = spec.memory_mib;
@@ -49,6 +53,12 @@ pub fn args(spec: &VmSpec, accel: Accel, paths: &QemuPaths<'_>) -> Vec<OsString>
     for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
         push(flag.into());
     }
+    // QEMU's own seccomp filter: a device-emulation bug the guest exploits
+    // cannot exec, fork, raise privileges, change scheduling or resource
+    // limits, or use obsolete syscalls. Everything QEMU needs is set up
+    // before the filter goes on.
+    push("-sandbox".into());
+    push(QEMU_SANDBOX.into());
     // The console goes to the shim, which caps the file it lands in: QEMU's
     // own file: backend would grow without bound with a chatty guest.
     push("-chardev".into());
@@ -144,6 +154,12 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("-no-reboot"), "{joined}");
+        assert!(
+            joined.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{joined}"
+        );
         let kvm = args(
             &spec(),
             Accel::Kvm,

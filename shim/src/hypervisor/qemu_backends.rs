@@ -58,7 +58,10 @@ impl PodVm {
                 ],
             ));
         }
-        for (what, socket, args) in wanted {
+        for (what, socket, mut args) in wanted {
+            if self.spec.jail {
+                args.push("--jail".into());
+            }
             let log_path = self
                 .paths
                 .dir

@@ -2,6 +2,7 @@
 //!
 //! QEMU is the vhost-user front end (it connects); we listen and serve exactly one connection.
 
+pub mod confine;
 mod daemon;
 pub mod fs;
 pub mod net;

@@ -628,16 +628,21 @@ fn xattr_ops_on_symlinks_stay_inside() {
     assert_eq!(r.errno(), libc::EPERM);
 }
 
-/// husk-vmm's event loop serves virtio-fs in-process under its seccomp filter: a file's whole
-/// life through the device must stay within that filter's allow-list. A call outside it
-/// kills this test binary with SIGSYS.
+/// husk-vmm's event loop serves virtio-fs in-process under its seccomp filter, and the
+/// vhost-user-fs backend under its own: a file's whole life through the device must stay
+/// within each filter's allow-list. A call outside it kills this test binary with SIGSYS.
 #[test]
 fn file_operations_stay_inside_the_event_loop_seccomp_filter() {
-    let filter = crate::seccomp::filter_with(
-        crate::seccomp::ThreadKind::EventLoop,
-        crate::seccomp::FS_SERVER,
-    )
-    .unwrap();
+    file_operations_stay_inside(crate::seccomp::ThreadKind::EventLoop);
+}
+
+#[test]
+fn file_operations_stay_inside_the_vhost_user_backend_seccomp_filter() {
+    file_operations_stay_inside(crate::seccomp::ThreadKind::VhostUser);
+}
+
+fn file_operations_stay_inside(kind: crate::seccomp::ThreadKind) {
+    let filter = crate::seccomp::filter_with(kind, crate::seccomp::FS_SERVER).unwrap();
     let mut t = TestFs::new();
     std::thread::scope(|scope| {
         scope
