@@ -50,6 +50,17 @@ enum Command {
     Run(cli_run::RunArgs),
 }
 
+/// `--jail`, shared by the vhost-user backends.
+#[derive(Args, Debug)]
+struct JailArg {
+    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
+    /// namespaces, an empty read-only root with only the directories still reached by path,
+    /// capabilities dropped, then a seccomp filter for every thread (see
+    /// `husk_vmm::vhost_user::confine`). Needs root.
+    #[arg(long)]
+    jail: bool,
+}
+
 #[derive(Args, Debug)]
 struct VhostUserFsArgs {
     /// vhost-user socket to listen on (QEMU's -chardev socket,path=...).
@@ -72,11 +83,8 @@ struct VhostUserFsArgs {
     /// past the limit the guest gets EMFILE.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES_FS)]
     max_open_files: u64,
-    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
-    /// namespaces, an empty read-only root with only the directories still reached by path,
-    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
-    #[arg(long)]
-    jail: bool,
+    #[command(flatten)]
+    jail: JailArg,
 }
 
 #[derive(Args, Debug)]
@@ -98,11 +106,8 @@ struct VhostUserNetArgs {
     /// Most fds the process may hold (RLIMIT_NOFILE, soft and hard).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
-    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
-    /// namespaces, an empty read-only root with only the directories still reached by path,
-    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
-    #[arg(long)]
-    jail: bool,
+    #[command(flatten)]
+    jail: JailArg,
 }
 
 #[derive(Args, Debug)]
@@ -121,11 +126,8 @@ struct VhostUserVsockArgs {
     /// connections a guest can make it keep (the device itself allows 1024 at once).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_OPEN_FILES)]
     max_open_files: u64,
-    /// Enter the jail once the device is set up: own mount, network, IPC and UTS
-    /// namespaces, an empty read-only root with only the directories still reached by path,
-    /// capabilities dropped (see `husk_vmm::jail`). Needs root.
-    #[arg(long)]
-    jail: bool,
+    #[command(flatten)]
+    jail: JailArg,
 }
 
 fn main() -> ExitCode {
@@ -168,7 +170,7 @@ fn vhost_user_vsock(args: VhostUserVsockArgs) -> Result<()> {
     let listener = bind_unix_listener(&args.socket)
         .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
     // Guest connections to host port P go to "<uds>_P", beside the hybrid socket.
-    if let Err(e) = jail_if(args.jail, &[&args.uds, &args.socket], None) {
+    if let Err(e) = jail_if(args.jail.jail, &[&args.uds, &args.socket], None) {
         remove_sockets(&sockets);
         return Err(e);
     }
@@ -212,7 +214,7 @@ fn vhost_user_fs(args: VhostUserFsArgs) -> Result<()> {
             return Err(e);
         }
     };
-    if let Err(e) = jail_if(args.jail, &[&args.socket], Some(&shared_dir)) {
+    if let Err(e) = jail_if(args.jail.jail, &[&args.socket], Some(&shared_dir)) {
         remove_sockets(&sockets);
         return Err(e);
     }
@@ -251,7 +253,7 @@ fn vhost_user_net(args: VhostUserNetArgs) -> Result<()> {
     let listener = bind_unix_listener(&args.socket)
         .with_context(|| format!("--socket {}: cannot listen", args.socket.display()))?;
     // The tap is an fd by now.
-    if let Err(e) = jail_if(args.jail, &[&args.socket], None) {
+    if let Err(e) = jail_if(args.jail.jail, &[&args.socket], None) {
         remove_sockets(&sockets);
         return Err(e);
     }
@@ -276,11 +278,10 @@ pub(crate) fn open_file_limit(max: u64) -> Result<u64> {
         .with_context(|| format!("--max-open-files {max}: cannot set RLIMIT_NOFILE"))
 }
 
-/// Enters the jail when `--jail` asked for it (and then the vhost-user seccomp filter),
-/// keeping visible the directories of
+/// Confines the backend when `--jail` asked for it, keeping visible the directories of
 /// `sockets` (removed by path at exit; vsock's guest connections go beside its socket) and
-/// the file server's share, which also keeps the file server's capabilities. Everything
-/// else the backend uses is an fd by now, and no thread runs yet.
+/// the file server's share (which also keeps the file server's capabilities and calls).
+/// Everything else the backend uses is an fd by now, and no thread runs yet.
 fn jail_if(jail: bool, sockets: &[&Path], share: Option<&Path>) -> Result<()> {
     if !jail {
         return Ok(());
