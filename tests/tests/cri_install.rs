@@ -7,8 +7,13 @@ use std::{fs, path::Path, process::Command};
 use husk_tests::workspace_root;
 
 fn install(root: &Path, inputs: &Path) -> std::process::Output {
+    install_with(root, inputs, &[])
+}
+
+fn install_with(root: &Path, inputs: &Path, extra: &[&str]) -> std::process::Output {
     Command::new("bash")
         .arg(workspace_root().join("scripts/install.sh"))
+        .args(extra)
         .arg("--root")
         .arg(root)
         .arg("--bin-dir")
@@ -131,16 +136,7 @@ fn install_writes_a_version_3_handler_that_containerd_2_reads() {
     fs::write(&cfg, "version = 4\n").unwrap();
     assert!(!install(&root, &src).status.success());
     fs::write(&cfg, original).unwrap();
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/install.sh"))
-        .args(["--config-version", "2", "--root"])
-        .arg(&root)
-        .arg("--bin-dir")
-        .arg(src.join("bin"))
-        .arg("--guest-dir")
-        .arg(src.join("guest"))
-        .output()
-        .unwrap();
+    let out = install_with(&root, &src, &["--config-version", "2"]);
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is version 3"),
         "{out:?}"
