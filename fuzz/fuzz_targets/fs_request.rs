@@ -12,6 +12,8 @@
 //! FALLOCATE is never sent: on a real disk it allocates what the guest asks for, which a fuzzer
 //! would turn into filling the host's disk; it is not a parser concern.
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::mem::size_of;
 use std::path::{Path, PathBuf};

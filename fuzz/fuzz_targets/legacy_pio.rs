@@ -7,6 +7,8 @@
 //! transmit register, and the VM is asked to end exactly when the guest sent 0xFE to the
 //! i8042's command port, as a power-off.
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,8 @@
 //! resets status and interrupt status, interrupt status only ever holds VRING|CONFIG, and every
 //! used length fits the chain it was posted with.
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;

@@ -9,6 +9,8 @@
 //! Input: one config byte (MAC, ring sizes, event idx), then operations (see the match in the
 //! target).
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::collections::VecDeque;
 use std::io;

@@ -11,6 +11,8 @@
 //! Input: byte 0 = number of chunks (mod 8) + flags, then the stream bytes; chunk boundaries
 //! are derived from the following bytes of the stream itself via `split_lens`.
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -6,6 +6,8 @@
 //! well-formed host-to-guest header whose used length matches it and fits the buffer, and a
 //! device reset leaves no connection or handshake behind.
 #![no_main]
+// Test code: an unwrap on the harness's own set-up (temporary files, guest memory) is an
+// assertion; a panic anywhere is the finding libFuzzer reports.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;

@@ -6,6 +6,8 @@
 //! what the fuzzer asks for (a full ring, unknown used ids, descriptors pointing anywhere), and
 //! it can also write raw descriptor-table entries and avail indices.
 
+// Test code: an unwrap on the harness's own set-up is an assertion; a panic is a finding.
+
 use std::collections::HashMap;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};

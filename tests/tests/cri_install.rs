@@ -2,7 +2,11 @@
 //! changes nothing, a containerd config's own settings survive, and a `husk`
 //! runtime it did not write is refused rather than clobbered.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use husk_tests::workspace_root;
 
@@ -38,16 +42,23 @@ fn inputs(dir: &Path) {
     fs::write(dir.join("guest/initrd.img"), "initrd").unwrap();
 }
 
-#[test]
-fn install_is_idempotent_and_refuses_to_clobber() {
+/// A scratch root holding `original` as containerd's config, and the stand-in inputs:
+/// (the temporary directory, the root, the inputs, the config's path).
+fn scratch(original: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let (root, src) = (tmp.path().join("root"), tmp.path().join("src"));
     inputs(&src);
     let cfg = root.join("etc/containerd/config.toml");
     fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    fs::write(&cfg, original).unwrap();
+    (tmp, root, src, cfg)
+}
+
+#[test]
+fn install_is_idempotent_and_refuses_to_clobber() {
     let original =
         "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"p\"\n";
-    fs::write(&cfg, original).unwrap();
+    let (_tmp, root, src, cfg) = scratch(original);
 
     let out = install(&root, &src);
     assert!(out.status.success(), "{out:?}");
@@ -97,14 +108,9 @@ fn install_is_idempotent_and_refuses_to_clobber() {
 /// plugin, `io.containerd.cri.v1.runtime`), and containerd 2.3 reads it back as husk's.
 #[test]
 fn install_writes_a_version_3_handler_that_containerd_2_reads() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, src) = (tmp.path().join("root"), tmp.path().join("src"));
-    inputs(&src);
-    let cfg = root.join("etc/containerd/config.toml");
-    fs::create_dir_all(cfg.parent().unwrap()).unwrap();
     let original =
         "version = 3\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = \"overlayfs\"\n";
-    fs::write(&cfg, original).unwrap();
+    let (_tmp, root, src, cfg) = scratch(original);
     let out = install(&root, &src);
     assert!(out.status.success(), "{out:?}");
     let registered = fs::read_to_string(&cfg).unwrap();
