@@ -94,8 +94,9 @@ struct Guest {
     rings: [Ring; 2],
     queues: [virtio_queue::Queue; 2],
     next_unique: u64,
-    /// Raw ring writes happened: chains may have been served twice into the same buffers,
-    /// so only the length bound is checked from then on.
+    /// Raw ring writes happened, or a chain let the device write over the rings: chains may
+    /// have been served twice into the same buffers, so only the length bound is checked from
+    /// then on.
     raw_used: bool,
     prints: Footprints,
 }
@@ -188,6 +189,7 @@ impl Guest {
                 write: true,
             });
         }
+        let laid = descs.clone();
         let mut structured = true;
         if flags & 0x80 != 0 && !descs.is_empty() {
             // Break one descriptor: flip its direction or point it anywhere.
@@ -199,6 +201,9 @@ impl Guest {
             }
             structured = false;
         }
+        if writes_rings(&descs) {
+            self.raw_used = true;
+        }
         let q = usize::from(inp.u8() & 1);
         let indirect = inp.u8() % 8 == 0;
         let table = indirect.then(|| self.alloc.alloc(16 * descs.len() as u64));
@@ -208,11 +213,11 @@ impl Guest {
         };
         let Some(head) = head else {
             // Not published, but its buffers were written: stop checking what they overlap.
-            let clash = self.prints.clash(&footprint(&descs, table));
+            let clash = self.prints.clash(&footprint(&descs, &laid, table));
             sent.retain(|s| !clash.contains(&(1, s.head)));
             return;
         };
-        let clash = self.prints.add((q, head), footprint(&descs, table));
+        let clash = self.prints.add((q, head), footprint(&descs, &laid, table));
         sent.retain(|s| !(s.head == head && q == 1) && !clash.contains(&(1, s.head)));
         if let (true, 1, true) = (structured, q, clash.is_empty()) {
             let cap = reply.iter().map(|&(_, n)| u64::from(n)).sum();

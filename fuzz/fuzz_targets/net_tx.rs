@@ -135,6 +135,7 @@ impl Fuzz {
                 write: false,
             });
         }
+        let laid = descs.clone();
         let mut intact = true;
         if layout & 0x80 != 0 {
             let i = usize::from(inp.u8()) % descs.len();
@@ -152,14 +153,14 @@ impl Fuzz {
         };
         match head {
             Some(head) => {
-                let clash = self.prints.add((1, head), footprint(&descs, table));
+                let clash = self.prints.add((1, head), footprint(&descs, &laid, table));
                 self.untrack(&clash);
                 self.tx_sent
                     .insert(head, (intact && clash.is_empty()).then_some(bytes));
             }
             None => {
                 // Not published, but its buffers were written: stop checking what they overlap.
-                let clash = self.prints.clash(&footprint(&descs, table));
+                let clash = self.prints.clash(&footprint(&descs, &laid, table));
                 self.untrack(&clash);
             }
         }
@@ -194,11 +195,14 @@ impl Fuzz {
                     descs[i].addr = fuzz_addr(inp);
                 }
                 tracked = false;
+                if writes_rings(&descs) {
+                    self.raw_used = true;
+                }
             }
             let segs: Vec<(u64, u32)> = descs.iter().map(|d| (d.addr, d.len)).collect();
             let cap = segs.iter().map(|&(_, l)| u64::from(l)).sum();
             if let Some(head) = self.rx.add_chain(&self.mem, &descs) {
-                let clash = self.prints.add((0, head), footprint(&descs, None));
+                let clash = self.prints.add((0, head), footprint(&descs, &[], None));
                 self.untrack(&clash);
                 self.rx_bufs.remove(&head);
                 if tracked && clash.is_empty() {

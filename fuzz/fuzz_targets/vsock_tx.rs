@@ -63,6 +63,9 @@ struct Fuzz {
     /// RX chains we posted: head -> (header addr, header len, total writable capacity).
     rx_bufs: std::collections::HashMap<u16, (u64, u32, u64)>,
     rx_prints: Footprints,
+    /// A posted RX chain let the device write over the rings: RX headers are no longer
+    /// checked (what the device read as a chain may be anything).
+    rings_hit: bool,
 }
 
 impl Fuzz {
@@ -102,6 +105,7 @@ impl Fuzz {
             listeners,
             streams: Vec::new(),
             rx_bufs: Default::default(),
+            rings_hit: false,
             rx_prints: Footprints::default(),
         })
     }
@@ -245,6 +249,7 @@ impl Fuzz {
             }
             if shape & 0x40 != 0 {
                 descs[0].addr = fuzz_addr(inp);
+                self.rings_hit |= writes_rings(&descs);
             }
             let cap: u64 = descs
                 .iter()
@@ -253,7 +258,7 @@ impl Fuzz {
                 .sum();
             let all_writable = descs.iter().all(|d| d.write);
             if let Some(head) = self.rx.add_chain(&self.mem, &descs) {
-                let clash = self.rx_prints.add((0, head), footprint(&descs, None));
+                let clash = self.rx_prints.add((0, head), footprint(&descs, &[], None));
                 for (_, h) in &clash {
                     self.rx_bufs.remove(h);
                 }
@@ -284,7 +289,7 @@ impl Fuzz {
                 u64::from(len) <= cap,
                 "RX used length {len} beyond the buffer's {cap}"
             );
-            if len == 0 || (hdr_len as usize) < VSOCK_PKT_HDR_SIZE {
+            if len == 0 || self.rings_hit || (hdr_len as usize) < VSOCK_PKT_HDR_SIZE {
                 continue;
             }
             let mut raw = [0u8; VSOCK_PKT_HDR_SIZE];

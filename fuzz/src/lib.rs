@@ -420,13 +420,29 @@ impl Footprints {
     }
 }
 
-/// The footprint of a chain laid out from `descs` (plus its indirect table, if any).
-pub fn footprint(descs: &[Desc], table: Option<u64>) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = descs.iter().map(|d| (d.addr, u64::from(d.len))).collect();
+/// The footprint of a chain published as `descs` (plus its indirect table, if any), and of
+/// `laid`: the descriptors as the driver first wrote their bytes, before breaking one of them
+/// (pointing it elsewhere leaves the bytes where they were written, over whatever was there).
+pub fn footprint(descs: &[Desc], laid: &[Desc], table: Option<u64>) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = descs
+        .iter()
+        .chain(laid)
+        .map(|d| (d.addr, u64::from(d.len)))
+        .collect();
     if let Some(t) = table {
         v.push((t, 16 * descs.len() as u64));
     }
     v
+}
+
+/// Whether a chain lets the device write into ring memory (everything below [`DATA_START`]:
+/// descriptor tables, avail and used rings). A driver that hands its own rings to the device
+/// gets them overwritten, so later chains are no longer what it laid out; a target stops
+/// checking contents from then on (the device must still not crash or overrun).
+pub fn writes_rings(descs: &[Desc]) -> bool {
+    descs
+        .iter()
+        .any(|d| d.write && d.len > 0 && d.addr < DATA_START)
 }
 
 /// Ignores SIGPIPE as every Rust binary does before `main` (husk-vmm included): libFuzzer's

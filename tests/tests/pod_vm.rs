@@ -36,7 +36,7 @@ fn status_field(pid: u32, name: &str) -> String {
         .to_string()
 }
 
-/// husk-vmm (or one of its backends) as the shim runs it: in its own mount and network namespaces,
+/// husk-vmm, one of its backends or QEMU as the shim runs them: in their own mount and network namespaces,
 /// without CAP_SYS_ADMIN, with no_new_privs.
 fn assert_jailed(pid: u32) {
     let ns = |p: &str, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).unwrap();
@@ -55,7 +55,41 @@ fn assert_jailed(pid: u32) {
     const CAP_NET_ADMIN: u64 = 1 << 12;
     assert_eq!(eff & (CAP_SYS_ADMIN | CAP_NET_ADMIN), 0, "CapEff {eff:x}");
     assert_eq!(bnd & (CAP_SYS_ADMIN | CAP_NET_ADMIN), 0, "CapBnd {bnd:x}");
-    eprintln!("husk-vmm {pid} is jailed: CapEff {eff:x}, CapBnd {bnd:x}");
+    eprintln!("pid {pid} is jailed: CapEff {eff:x}, CapBnd {bnd:x}");
+}
+
+/// A process that is no root in any sense: every uid and gid non-zero, no capability in any
+/// set, and it sees none of the host's files (its root holds only what it was given).
+fn assert_unprivileged(pid: u32) {
+    for field in ["Uid:", "Gid:"] {
+        let ids = status_field(pid, field);
+        assert!(
+            ids.split_whitespace().all(|id| id != "0"),
+            "pid {pid} {field} {ids}"
+        );
+    }
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(
+            u64::from_str_radix(&status_field(pid, set), 16).unwrap(),
+            0,
+            "pid {pid} {set}"
+        );
+    }
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    for host_path in [
+        "etc/passwd",
+        "root",
+        "run/containerd",
+        "proc/1",
+        "home",
+        "var",
+    ] {
+        assert!(
+            !root.join(host_path).exists(),
+            "pid {pid} sees /{host_path}"
+        );
+    }
+    eprintln!("QEMU {pid} runs as {}", status_field(pid, "Uid:"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,12 +117,15 @@ async fn boots_serves_the_agent_api_and_powers_off() {
         match vm.hypervisor() {
             Hypervisor::HuskVmm => assert_jailed(pids[0]),
             Hypervisor::Qemu => {
-                // QEMU under its own seccomp filter; its vsock backend in husk-vmm's jail.
+                // QEMU under its own seccomp filter, in husk-vmm's jail as a uid of its own
+                // with nothing at all of root's; its vsock backend in the jail too.
                 assert_eq!(
                     status_field(pids[0], "Seccomp:"),
                     "2",
                     "QEMU without -sandbox"
                 );
+                assert_jailed(pids[0]);
+                assert_unprivileged(pids[0]);
                 assert_jailed(pids[1]);
             }
         }

@@ -157,6 +157,7 @@ pub fn run(args: RunArgs, t0_ns: u64) -> Result<()> {
                 .chain(cfg.fs.as_ref().map(|f| f.shared_dir.clone()))
                 .collect(),
             fs_server: cfg.fs.is_some(),
+            ..Default::default()
         }
     });
 

@@ -54,6 +54,12 @@ pub enum JailError {
     Threads(usize),
     #[error("jail: {path}: must be an absolute directory path without `..`")]
     BadPath { path: PathBuf },
+    #[error("jail: {path}: must be an absolute path without `..`")]
+    BadFile { path: PathBuf },
+    #[error("jail: {path}: not a symbolic link on the host")]
+    NotALink { path: PathBuf },
+    #[error("jail: user {0}: must not be root (uid and gid 0 are refused)")]
+    RootUser(u32),
     #[error("jail: nothing to keep visible")]
     NoDirs,
     #[error("jail: {what}: {source}")]
@@ -83,14 +89,39 @@ fn errno(e: nix::errno::Errno) -> io::Error {
 pub struct JailConfig {
     /// Directories the VMM still reaches by path, bound read-write at the same paths.
     pub visible_dirs: Vec<PathBuf>,
+    /// Single files (Unix sockets, device nodes) bound read-write at the same paths: a
+    /// process that needs a few names of a directory sees only those.
+    pub visible_files: Vec<PathBuf>,
+    /// Files and directories bound read-only at the same paths: a program the jail goes on
+    /// to exec and what it loads (`/usr`, a guest kernel).
+    pub read_only: Vec<PathBuf>,
+    /// Symbolic links of the host recreated in the jail's root with the same target (a
+    /// merged-/usr host's `/lib64 -> usr/lib64`, which the dynamic loader's path goes
+    /// through).
+    pub links: Vec<PathBuf>,
+    /// Where the jail's tmpfs is mounted while it is built when no visible directory is
+    /// writable (or there is none); the directory itself stays out of the jail.
+    pub scratch: Option<PathBuf>,
+    /// Run as this unprivileged user from then on (with no capabilities at all, whatever
+    /// `fs_server` says).
+    pub user: Option<JailUser>,
     /// Keep [`FS_SERVER_CAPS`] (virtio-fs is served in-process).
     pub fs_server: bool,
+}
+
+/// The credentials a jailed program runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// One supplementary group, for a device node the program opens (`/dev/kvm`'s group).
+    pub extra_group: Option<u32>,
 }
 
 impl JailConfig {
     /// The capabilities the jailed process keeps.
     pub fn kept_caps(&self) -> CapsHashSet {
-        if self.fs_server {
+        if self.fs_server && self.user.is_none() {
             FS_SERVER_CAPS.iter().copied().collect()
         } else {
             CapsHashSet::new()
@@ -108,8 +139,16 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
         return Err(JailError::Threads(threads));
     }
     let dirs = visible_dirs(&cfg.visible_dirs)?;
-    if dirs.is_empty() {
+    let files = absolute_paths(&cfg.visible_files)?;
+    let read_only = absolute_paths(&cfg.read_only)?;
+    let links = host_links(&cfg.links)?;
+    if dirs.is_empty() && files.is_empty() && read_only.is_empty() {
         return Err(JailError::NoDirs);
+    }
+    if let Some(u) = cfg.user {
+        if u.uid == 0 || u.gid == 0 {
+            return Err(JailError::RootUser(u.uid));
+        }
     }
     // What caps needs from /proc, read while /proc is still there.
     let all_caps = caps::all();
@@ -133,7 +172,7 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
     )
     .map_err(|e| sys("making / a slave mount")(errno(e)))?;
 
-    let root = jail_mount_point(&dirs)?;
+    let root = jail_mount_point(&dirs, cfg.scratch.as_deref())?;
     mount(
         Some("tmpfs"),
         &root,
@@ -157,6 +196,18 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
             None::<&str>,
         )
         .map_err(|e| sys(format!("binding {}", dir.display()))(errno(e)))?;
+    }
+    for (link, target) in &links {
+        let at = root.join(link.strip_prefix("/").unwrap_or(link));
+        make_parent(&at)?;
+        std::os::unix::fs::symlink(target, &at)
+            .map_err(sys(format!("recreating the link {}", link.display())))?;
+    }
+    for file in &files {
+        bind_at(&root, file, false)?;
+    }
+    for path in &read_only {
+        bind_at(&root, path, true)?;
     }
     nix::unistd::chdir(&root).map_err(|e| sys("chdir to the jail")(errno(e)))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| sys("pivot_root")(errno(e)))?;
@@ -184,7 +235,10 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
     let permitted =
         caps::read(None, CapSet::Permitted).map_err(|e| JailError::Caps(e.to_string()))?;
     let keep: CapsHashSet = cfg.kept_caps().intersection(&permitted).copied().collect();
-    drop_capabilities(&keep, all_caps)?;
+    match cfg.user {
+        Some(user) => become_user(user, all_caps)?,
+        None => drop_capabilities(&keep, all_caps)?,
+    }
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(sys("PR_SET_NO_NEW_PRIVS")(io::Error::last_os_error()));
@@ -192,11 +246,126 @@ pub fn enter(cfg: &JailConfig) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Binds `path` (a file or a directory) at the same path under `root`, read-only or not.
+fn bind_at(root: &Path, path: &Path, read_only: bool) -> Result<(), JailError> {
+    let target = root.join(path.strip_prefix("/").unwrap_or(path));
+    let md = fs::metadata(path).map_err(sys(format!("{}", path.display())))?;
+    if md.is_dir() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&target)
+            .map_err(sys(format!("creating {}", target.display())))?;
+    } else {
+        make_parent(&target)?;
+        // A regular file as the mount point: any non-directory binds onto one.
+        fs::File::create(&target).map_err(sys(format!("creating {}", target.display())))?;
+    }
+    mount(
+        Some(path),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| sys(format!("binding {}", path.display()))(errno(e)))?;
+    if read_only {
+        // A bind takes the flags of its source; read-only (and nosuid: nothing in the jail
+        // may gain privileges) needs a remount of the bind itself.
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+            None::<&str>,
+        )
+        .map_err(|e| sys(format!("making {} read-only", path.display()))(errno(e)))?;
+    }
+    Ok(())
+}
+
+fn make_parent(at: &Path) -> Result<(), JailError> {
+    match at.parent() {
+        Some(parent) => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(sys(format!("creating {}", parent.display()))),
+        None => Ok(()),
+    }
+}
+
+/// Switches to `user` for good: the bounding, ambient and inheritable sets emptied first
+/// (that needs CAP_SETPCAP, which the switch takes away), then groups, gid and uid (real,
+/// effective and saved), which leaves no capability at all.
+fn become_user(user: JailUser, all: CapsHashSet) -> Result<(), JailError> {
+    let err = |e: caps::errors::CapsError| JailError::Caps(e.to_string());
+    for cap in &all {
+        caps::drop(None, CapSet::Bounding, *cap).map_err(err)?;
+    }
+    caps::clear(None, CapSet::Ambient).map_err(err)?;
+    caps::clear(None, CapSet::Inheritable).map_err(err)?;
+    let groups: Vec<nix::unistd::Gid> = user
+        .extra_group
+        .map(nix::unistd::Gid::from_raw)
+        .into_iter()
+        .collect();
+    nix::unistd::setgroups(&groups).map_err(|e| sys("setgroups")(errno(e)))?;
+    let gid = nix::unistd::Gid::from_raw(user.gid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| sys("setresgid")(errno(e)))?;
+    let uid = nix::unistd::Uid::from_raw(user.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| sys("setresuid")(errno(e)))?;
+    let left = caps::read(None, CapSet::Permitted).map_err(err)?;
+    if !left.is_empty() {
+        return Err(JailError::Caps(format!(
+            "capabilities left after becoming uid {}: {left:?}",
+            user.uid
+        )));
+    }
+    Ok(())
+}
+
+/// Absolute, `..`-free paths that exist (files or directories), deduplicated. Kept as given,
+/// not resolved: the jailed program opens them by these names (a guest kernel reached
+/// through a link into a cache is bound at the link's path).
+fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, JailError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let bad = || JailError::BadFile { path: p.clone() };
+        if !p.is_absolute()
+            || p.components().any(|c| matches!(c, Component::ParentDir))
+            || p == Path::new("/")
+            || fs::metadata(p).is_err()
+        {
+            return Err(bad());
+        }
+        out.push(p.clone());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Each link with its host target, read now (the host's root is gone once the jail is up).
+fn host_links(links: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>, JailError> {
+    links
+        .iter()
+        .map(|l| {
+            if !l.is_absolute() || l.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(JailError::BadFile { path: l.clone() });
+            }
+            let target = fs::read_link(l).map_err(|_| JailError::NotALink { path: l.clone() })?;
+            Ok((l.clone(), target))
+        })
+        .collect()
+}
+
 /// A directory for the jail's tmpfs while it is built: inside the first visible directory
-/// that takes one (a virtio-fs share is read-only to everyone, the socket directory is not).
-fn jail_mount_point(dirs: &[PathBuf]) -> Result<PathBuf, JailError> {
+/// that takes one (a virtio-fs share is read-only to everyone, the socket directory is not),
+/// else in `scratch`.
+fn jail_mount_point(dirs: &[PathBuf], scratch: Option<&Path>) -> Result<PathBuf, JailError> {
     let mut last = None;
-    for dir in dirs {
+    for dir in dirs.iter().map(PathBuf::as_path).chain(scratch) {
         let root = dir.join(format!("{JAIL_DIR}-{}", std::process::id()));
         match fs::DirBuilder::new().mode(0o700).create(&root) {
             Ok(()) => return Ok(root),
@@ -299,14 +468,11 @@ mod tests {
 
     #[test]
     fn only_the_file_server_keeps_capabilities() {
-        let none = JailConfig {
-            visible_dirs: vec![],
-            fs_server: false,
-        };
+        let none = JailConfig::default();
         assert!(none.kept_caps().is_empty());
         let fs = JailConfig {
-            visible_dirs: vec![],
             fs_server: true,
+            ..Default::default()
         };
         let kept = fs.kept_caps();
         assert!(kept.contains(&Capability::CAP_CHOWN));
@@ -333,7 +499,7 @@ mod tests {
             nix::unistd::ForkResult::Child => {
                 let cfg = JailConfig {
                     visible_dirs: vec![kept.clone()],
-                    fs_server: false,
+                    ..Default::default()
                 };
                 let code = match enter(&cfg) {
                     Err(_) => 10,

@@ -1,8 +1,8 @@
 //! The `husk-vmm` binary.
 //!
-//! One subcommand per way husk-vmm runs; today `vhost-user-vsock`, which serves the vsock device
-//! to QEMU. Each subcommand parses into its own args struct and runs in its own function, so
-//! `husk-vmm run ...` (the KVM VM) slots in beside it.
+//! One subcommand per way husk-vmm runs: `run` (the whole VM on KVM), the vhost-user device
+//! backends QEMU drives, and `jail-exec` (QEMU itself in the jail). Each subcommand parses
+//! into its own args struct and runs in its own function.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{error, info};
 
+mod cli_jail_exec;
 mod cli_run;
 
 use husk_vmm::devices::virtio::fs::{CacheMode, FsConfig, FsDevice};
@@ -48,6 +49,10 @@ enum Command {
     VhostUserNet(VhostUserNetArgs),
     /// Boot a microVM on KVM (husk's own VMM): kernel, initrd, serial console, vsock, rng.
     Run(cli_run::RunArgs),
+    /// Run another program (QEMU) in husk-vmm's jail as an unprivileged user: own
+    /// namespaces, an empty read-only root with only the paths named, no capabilities.
+    /// Needs root.
+    JailExec(cli_jail_exec::JailExecArgs),
 }
 
 /// `--jail`, shared by the vhost-user backends.
@@ -139,6 +144,7 @@ fn main() -> ExitCode {
         Command::VhostUserFs(args) => vhost_user_fs(args),
         Command::VhostUserNet(args) => vhost_user_net(args),
         Command::Run(args) => cli_run::run(args, t0_ns),
+        Command::JailExec(args) => cli_jail_exec::run(args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@ mod pod_vm;
 mod process;
 pub mod qemu;
 mod qemu_backends;
+pub mod qemu_jail;
 mod spec_check;
 
 use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
@@ -101,9 +102,10 @@ pub struct VmSpec {
     pub share: Option<Share>,
     /// The pod's NIC: a tap QEMU drives as a virtio-net device.
     pub network: Option<NetDevice>,
-    /// Run husk-vmm, and on the QEMU path its vhost-user backends, in the
-    /// jail (own namespaces, empty root, capabilities dropped: see husk-vmm's
-    /// `jail` module). Needs root.
+    /// Run husk-vmm, and on the QEMU path QEMU and its vhost-user backends,
+    /// in the jail (own namespaces, empty root, capabilities dropped: see
+    /// husk-vmm's `jail` module; QEMU also as a uid of its own, see
+    /// [`qemu_jail`]). Needs root.
     pub jail: bool,
     /// The host cgroup the VM's processes run in (the sandbox container's OCI
     /// `linux.cgroupsPath`), created by the launch and removed at teardown.

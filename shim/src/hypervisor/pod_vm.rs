@@ -28,7 +28,7 @@ use super::{
     process::{inherit_fd, reap_now, spawn, tail},
     qemu,
     qemu_backends::Backend,
-    Accel, Hypervisor, VmSpec,
+    qemu_jail, Accel, Hypervisor, VmSpec,
 };
 use crate::agent_client::{AgentClient, AgentError};
 
@@ -69,6 +69,8 @@ pub enum LaunchError {
     Wait(io::Error),
     #[error("the pod's host cgroup: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    QemuJail(#[from] super::qemu_jail::QemuJailError),
 }
 
 /// Host-side timestamps of a launch, from the start of [`PodVm::launch`].
@@ -139,6 +141,8 @@ pub struct PodVm {
     timings: LaunchTimings,
     /// Where the VM's processes run on the host; removed after they are gone.
     cgroup: Option<PodCgroup>,
+    /// The uid a jailed QEMU runs as, leased for the pod's life.
+    qemu_user: Option<super::qemu_jail::QemuUser>,
 }
 
 impl PodVm {
@@ -169,6 +173,7 @@ impl PodVm {
             agent: None,
             timings: LaunchTimings::default(),
             cgroup: None,
+            qemu_user: None,
         };
         if let Some(path) = &vm.spec.cgroups_path {
             vm.cgroup = Some(PodCgroup::create(path)?);
@@ -383,9 +388,20 @@ impl PodVm {
                 console_sock: &self.paths.console_sock,
             },
         );
-        let mut cmd = Command::new(&self.spec.qemu_binary);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        let mut cmd = if self.spec.jail {
+            let p = &self.paths;
+            let mut sockets = vec![p.vhost_vsock.as_path(), p.console_sock.as_path()];
+            sockets.extend(self.spec.share.as_ref().map(|_| p.vhost_fs.as_path()));
+            let kvm = self.accel == Accel::Kvm;
+            let (cmd, user) = qemu_jail::command(&self.spec, kvm, sockets, &p.dir, args)?;
+            self.qemu_user = Some(user);
+            cmd
+        } else {
+            let mut cmd = Command::new(&self.spec.qemu_binary);
+            cmd.args(args);
+            cmd
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(net) = &self.spec.network {

@@ -21,6 +21,7 @@ pub fn confine(visible_dirs: Vec<PathBuf>, fs_server: bool) -> Result<(), Confin
     jail::enter(&JailConfig {
         visible_dirs,
         fs_server,
+        ..Default::default()
     })?;
     let more: &[i64] = if fs_server { seccomp::FS_SERVER } else { &[] };
     // Compiled here, after the jail: the filter names this process's pid.

@@ -185,6 +185,10 @@ impl<B: NetBackend> NetDevice<B> {
                 offload |= libc::TUN_F_TSO6;
             }
         }
+        if self.rx_len != 0 && self.hdr_len != self.backend_hdr_len {
+            // The frame waiting for buffers was read with the old header length.
+            self.rx_len = 0;
+        }
         self.pending_setup = Some((self.hdr_len, offload));
         self.arm();
     }
@@ -519,6 +523,11 @@ impl<B: NetBackend> NetDevice<B> {
         while cap < len {
             cap += self.rx_held[need].cap;
             need += 1;
+        }
+        if need > 1 && !mergeable {
+            // Chains held while MRG_RXBUF was acked, then the driver renegotiated without it:
+            // a frame must not be spread over chains it cannot join.
+            return Ok((Fill::Dropped, used));
         }
         if self.hdr_len == HDR_LEN_V1 {
             // need <= ring size <= 32768, so it fits.

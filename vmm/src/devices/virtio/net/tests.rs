@@ -382,6 +382,33 @@ fn without_mergeable_buffers_a_too_big_frame_is_dropped_and_the_buffer_kept() {
     assert_eq!(ctx.dev.stats().rx_dropped, 1);
 }
 
+/// Found by the net_tx fuzz target: chains held for a mergeable frame, then features acked
+/// again without MRG_RXBUF, must not take one frame across several chains.
+#[test]
+fn renegotiating_without_mergeable_buffers_never_spreads_a_frame() {
+    let (tap, peer) = FakeTap::pair();
+    let mut ctx = Ctx::new(tap, F_V1 | F_MRG);
+    let (h1, a1) = ctx.post_rx(1526);
+    let (h2, _) = ctx.post_rx(1526);
+    peer.send(&with_hdr(12, &frame(4000, 1))).unwrap();
+    // Two buffers for a frame that needs three: both held, the frame waits.
+    assert!(!ctx.rx());
+    assert_eq!(ctx.rx.pop_used(&ctx.mem), None);
+    ctx.dev.set_acked_features(F_V1);
+    // Without MRG_RXBUF the waiting frame and a 3000-byte one fit no single chain: both
+    // dropped, neither split over h1 and h2; a frame that fits one chain takes h1.
+    peer.send(&with_hdr(12, &frame(3000, 2))).unwrap();
+    let f = frame(1000, 3);
+    peer.send(&with_hdr(12, &f)).unwrap();
+    assert!(ctx.kick_rx());
+    assert_eq!(ctx.rx.pop_used(&ctx.mem), Some((h1, 1012)));
+    assert_eq!(ctx.rx.pop_used(&ctx.mem), None, "h2 ({h2}) waits");
+    let got = ctx.read(a1, 1012);
+    assert_eq!(&got[NUM_BUFFERS_OFFSET..12], &1u16.to_le_bytes());
+    assert_eq!(&got[12..], &f[..]);
+    assert_eq!(ctx.dev.stats().rx_dropped, 2);
+}
+
 #[test]
 fn legacy_driver_uses_the_10_byte_header() {
     let (tap, peer) = FakeTap::pair();
