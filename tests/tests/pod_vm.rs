@@ -75,20 +75,35 @@ fn assert_unprivileged(pid: u32) {
             "pid {pid} {set}"
         );
     }
+    // Its root holds only what it opens (the guest kernel's and the sockets' paths, so parts
+    // of /var or /tmp may be there); none of the host's own files.
     let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
     for host_path in [
         "etc/passwd",
+        "etc/shadow",
         "root",
+        "home",
         "run/containerd",
         "proc/1",
-        "home",
-        "var",
+        "sys/kernel",
+        "var/lib",
+        "var/log",
     ] {
         assert!(
             !root.join(host_path).exists(),
             "pid {pid} sees /{host_path}"
         );
     }
+    let names = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("etc"), ["ld.so.cache"], "pid {pid}'s /etc");
+    assert_eq!(names("dev"), ["null", "urandom"], "pid {pid}'s /dev");
     eprintln!("QEMU {pid} runs as {}", status_field(pid, "Uid:"));
 }
 
