@@ -5,6 +5,8 @@
 //! host's KVM cannot run Linux, the last test runs the others on husk-vmm
 //! inside an emulated KVM host.
 
+// Test code: an unwrap is the assertion that the step worked.
+
 use std::time::Duration;
 
 use husk_protocol::agent::health_response::Status;

@@ -1,6 +1,8 @@
 //! `husk-vmm jail-exec` (how the shim starts QEMU) from the outside: a program escaped into
 //! the jail, as a guest that took over QEMU would be, tries to reach the host.
 
+// Test code: an unwrap is the assertion that the step worked.
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::Path;

@@ -2,6 +2,8 @@
 //! Device logic runs against a datagram socket pair standing in for the tap (no privileges
 //! needed); the `tap_*` tests use a real tap in a fresh network namespace and need root.
 
+// Test code: an unwrap is the assertion that the step worked.
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
